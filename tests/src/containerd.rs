@@ -1,0 +1,252 @@
+//! Real containerd daemons with private root, state and socket, one per test.
+//!
+//! Versions: the Debian package on this machine (1.6) and the pinned builds
+//! `scripts/lib/fetch-containerd` unpacks into the cache (1.7 from trixie,
+//! 2.1 from sid). Tests iterate over [`available`] so each runs against
+//! every version present; `CORAL_EXPECT_CONTAINERD` (set by `scripts/test`)
+//! makes a missing one an error instead of a silent skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+use crate::cache::cache_dir;
+use crate::process::{Service, kill_processes_mentioning, run};
+use crate::registry::Registry;
+
+/// Config for containerd 1.x (`version = 2`).
+const CONFIG_V2: &str = include_str!("../testbed/containerd-v2.toml");
+/// Config for containerd 2.x (`version = 3`).
+const CONFIG_V3: &str = include_str!("../testbed/containerd-v3.toml");
+
+/// The pause image CRI is configured with. Nothing here pulls it (no pod
+/// sandboxes are started), so it must not make start-up reach the network.
+pub const SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";
+
+/// One installed containerd build.
+#[derive(Debug, Clone)]
+pub struct ContainerdBuild {
+    /// e.g. `1.6.20`.
+    pub version: String,
+    /// Holds `containerd`, `ctr` and `containerd-shim-runc-v2`.
+    pub bin_dir: PathBuf,
+}
+
+impl ContainerdBuild {
+    fn probe(bin_dir: &Path) -> Result<ContainerdBuild> {
+        let out = run(Command::new(bin_dir.join("containerd")).arg("--version"))?;
+        // "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3"
+        let version = out
+            .split_whitespace()
+            .nth(2)
+            .map(|v| v.trim_start_matches('v').split('~').next().unwrap_or(v).to_owned())
+            .with_context(|| format!("unexpected `containerd --version` output: {out}"))?;
+        Ok(ContainerdBuild {
+            version,
+            bin_dir: bin_dir.to_owned(),
+        })
+    }
+
+    /// `1.6`, `1.7`, `2.1`.
+    pub fn minor(&self) -> String {
+        self.version.split('.').take(2).collect::<Vec<_>>().join(".")
+    }
+
+    pub fn major(&self) -> u32 {
+        self.version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(1)
+    }
+}
+
+/// Every containerd build on this machine, oldest first.
+pub fn available() -> Result<Vec<ContainerdBuild>> {
+    let mut builds = Vec::new();
+    if Path::new("/usr/bin/containerd").exists() {
+        builds.push(ContainerdBuild::probe(Path::new("/usr/bin"))?);
+    }
+    if let Ok(entries) = std::fs::read_dir(cache_dir().join("containerd")) {
+        for e in entries.flatten() {
+            let bin = e.path().join("usr/bin");
+            if bin.join("containerd").exists() {
+                builds.push(ContainerdBuild::probe(&bin)?);
+            }
+        }
+    }
+    builds.sort_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)));
+    builds.dedup_by(|a, b| a.version == b.version);
+    if let Ok(expect) = std::env::var("CORAL_EXPECT_CONTAINERD") {
+        for want in expect.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            if !builds.iter().any(|b| b.minor() == want || b.version == want) {
+                bail!(
+                    "containerd {want} was expected (CORAL_EXPECT_CONTAINERD={expect}) but is not installed; \
+                     found {:?}. Run scripts/setup.",
+                    builds.iter().map(|b| &b.version).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    if builds.is_empty() {
+        bail!("no containerd found: run scripts/setup");
+    }
+    Ok(builds)
+}
+
+fn version_key(v: &str) -> Vec<u32> {
+    v.split(['.', '-', '~']).filter_map(|p| p.parse().ok()).collect()
+}
+
+pub struct Containerd {
+    // Field order matters: stop the daemon before removing its directories.
+    service: Service,
+    pub build: ContainerdBuild,
+    address: PathBuf,
+    root: PathBuf,
+    dir: TempDir,
+}
+
+impl Containerd {
+    /// Starts `build` with a private root, state and socket, trusting
+    /// `registries` (plain HTTP, or TLS with their own certificate).
+    pub async fn start(build: &ContainerdBuild, registries: &[&Registry]) -> Result<Containerd> {
+        let dir = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+        let root = dir.path().join("root");
+        Self::start_with_root(build, registries, dir, root).await
+    }
+
+    /// Starts containerd on an existing root directory (e.g. a mounted seed
+    /// volume that is to be adopted).
+    pub async fn start_with_root(
+        build: &ContainerdBuild,
+        registries: &[&Registry],
+        dir: TempDir,
+        root: PathBuf,
+    ) -> Result<Containerd> {
+        let state = dir.path().join("state");
+        let certs = dir.path().join("certs.d");
+        let address = dir.path().join("containerd.sock");
+        for d in [&root, &state, &certs] {
+            std::fs::create_dir_all(d)?;
+        }
+        for r in registries {
+            write_hosts_toml(&certs, r)?;
+        }
+        let template = if build.major() >= 2 { CONFIG_V3 } else { CONFIG_V2 };
+        let config = template
+            .replace("{root}", &root.display().to_string())
+            .replace("{state}", &state.display().to_string())
+            .replace("{address}", &address.display().to_string())
+            .replace("{certs_dir}", &certs.display().to_string())
+            .replace("{sandbox_image}", SANDBOX_IMAGE);
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config)?;
+
+        let mut cmd = Command::new(build.bin_dir.join("containerd"));
+        cmd.arg("--config").arg(&config_path);
+        // The runc shim is looked up on PATH: the build's own comes first.
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", build.bin_dir.display()));
+        let mut service = Service::spawn(
+            &format!("containerd {}", build.version),
+            cmd,
+            &dir.path().join("containerd.log"),
+        )?;
+        service.wait_until(Duration::from_secs(30), || address.exists())?;
+        let me = Containerd {
+            service,
+            build: build.clone(),
+            address,
+            root,
+            dir,
+        };
+        // The socket exists before every service is registered: wait for an answer.
+        let mut last = None;
+        for _ in 0..100 {
+            match me.version().await {
+                Ok(_) => return Ok(me),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last.expect("tried")).with_context(|| format!("containerd did not answer; log:\n{}", me.service.log_tail()))
+    }
+
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        containerd_client::connect(&self.address)
+            .await
+            .with_context(|| format!("connecting to {}", self.address.display()))
+    }
+
+    /// The daemon's version, over gRPC.
+    pub async fn version(&self) -> Result<String> {
+        let mut client = containerd_client::services::v1::version_client::VersionClient::new(self.channel().await?);
+        let v = client.version(()).await?.into_inner();
+        Ok(v.version)
+    }
+
+    /// This build's `ctr`, pointed at this daemon.
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new(self.build.bin_dir.join("ctr"));
+        c.arg("--address").arg(&self.address);
+        c
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.service.log_tail()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.service.stop();
+        // Shims detach from containerd; they name the socket on their command line.
+        kill_processes_mentioning(&self.address.display().to_string());
+        unmount_below(self.dir.path());
+        unmount_below(&self.root);
+    }
+}
+
+/// `certs.d/<host>/hosts.toml` for one test registry.
+fn write_hosts_toml(certs: &Path, registry: &Registry) -> Result<()> {
+    let dir = certs.join(registry.host());
+    std::fs::create_dir_all(&dir)?;
+    let mut host = format!(
+        "server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n",
+        url = registry.url()
+    );
+    if let Some(ca) = registry.ca_cert() {
+        host.push_str(&format!("  ca = \"{}\"\n", ca.display()));
+    }
+    std::fs::write(dir.join("hosts.toml"), host)?;
+    Ok(())
+}
+
+/// Lazily unmounts everything mounted at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 on a NUL-terminated path.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}

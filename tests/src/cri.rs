@@ -1,0 +1,22 @@
+//! CRI v1 (the API kubelet uses) over containerd's own socket.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+pub async fn image_service(socket: &Path) -> Result<ImageServiceClient<Channel>> {
+    let channel = containerd_client::connect(socket)
+        .await
+        .with_context(|| format!("connecting to CRI at {}", socket.display()))?;
+    Ok(ImageServiceClient::new(channel))
+}
+
+pub async fn runtime_service(socket: &Path) -> Result<RuntimeServiceClient<Channel>> {
+    let channel = containerd_client::connect(socket)
+        .await
+        .with_context(|| format!("connecting to CRI at {}", socket.display()))?;
+    Ok(RuntimeServiceClient::new(channel))
+}

@@ -1,0 +1,22 @@
+//! coral's test bed: the real components every cross-program test runs
+//! against, started by the tests themselves on 127.0.0.1 with random ports,
+//! and torn down when the test ends, even when it panics.
+//!
+//! - [`containerd`]: containerd 1.6 (Debian), 1.7 and 2.1 (Debian trixie/sid
+//!   builds in the cache), each with a private root, state and socket.
+//! - [`registry`]: Debian's `docker-registry`, plain or TLS, with or without
+//!   basic auth.
+//! - [`moto`]: moto's server for EC2 and the EBS direct APIs.
+//! - [`fixtures`]: the fixture image corpus, built once and cached, and a
+//!   registry that serves it.
+//! - [`cri`]: CRI v1 clients over containerd's socket.
+//!
+//! Nothing here is a fake: where a test needs a service, it gets the real one.
+
+pub mod cache;
+pub mod containerd;
+pub mod cri;
+pub mod fixtures;
+pub mod moto;
+pub mod process;
+pub mod registry;
