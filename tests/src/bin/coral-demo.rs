@@ -1,0 +1,79 @@
+//! `scripts/demo`: the story on one machine, on embedded defaults.
+//!
+//! Today it starts the test bed (a local registry serving the sample images
+//! and a private containerd), and times the path coral replaces: a node
+//! pulling and unpacking the images through CRI, then starting a container.
+//! The seed-volume path joins it as the builder and node mounter land.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use coral_tests::containerd::{self, Containerd};
+use coral_tests::cri;
+use coral_tests::fixtures::Corpus;
+use coral_tests::process::run;
+use k8s_cri::v1 as criv1;
+
+fn step(msg: &str) {
+    println!("\n\x1b[1m==> {msg}\x1b[0m");
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    step("fixture corpus (built once without Docker, cached)");
+    let corpus = Corpus::get()?;
+    for i in &corpus.images {
+        println!("  {:<22} {}  {}", i.name, &i.digest[..19], i.platforms.join(","));
+    }
+
+    step("local OCI registry (docker-registry on 127.0.0.1) serving the corpus");
+    let reg = corpus.plain_registry()?;
+    println!("  {} lists {:?}", reg.url(), reg.catalog().await?);
+
+    let build = containerd::available()?
+        .into_iter()
+        .next()
+        .context("no containerd installed")?;
+    step(&format!("a fresh node: containerd {} with an empty private root", build.version));
+    let c = Containerd::start(&build, &[&reg]).await?;
+    println!("  containerd answers on {} (version {})", c.address().display(), c.version().await?);
+
+    step("baseline: CRI pull of every runnable image, then start a container");
+    let started = Instant::now();
+    let mut images = cri::image_service(c.address()).await?;
+    let mut rows = Vec::new();
+    for image in corpus.images.iter().filter(|i| i.run.is_some()) {
+        let reference = format!("{}/{}:latest", reg.host(), Corpus::repository(&image.name));
+        let t = Instant::now();
+        images
+            .pull_image(criv1::PullImageRequest {
+                image: Some(criv1::ImageSpec {
+                    image: reference.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("pulling {reference}"))?;
+        rows.push((image.name.clone(), t.elapsed()));
+        println!("  pulled {reference} in {:.2?}", t.elapsed());
+    }
+    let minbase = corpus.image("minbase");
+    let check = minbase.run.as_ref().context("minbase is runnable")?;
+    let reference = format!("{}/{}:latest", reg.host(), Corpus::repository("minbase"));
+    let out = run(c
+        .ctr()
+        .args(["--namespace", "k8s.io", "run", "--rm", &reference, "demo"])
+        .args(&check.argv))?;
+    let total = started.elapsed();
+    println!("  container printed: {}", out.trim());
+
+    step("timings");
+    println!("  {:<28} {:>10}", "step", "seconds");
+    for (name, d) in &rows {
+        println!("  {:<28} {:>10.2}", format!("CRI pull {name}"), d.as_secs_f64());
+    }
+    println!("  {:<28} {:>10.2}", "pulls + first container", total.as_secs_f64());
+    println!("\nThe seed-volume path (coral-builder + coral-node-mounter) is not in this demo yet.");
+    Ok(())
+}
