@@ -1,0 +1,679 @@
+//! Layer extraction into overlayfs form, the way containerd's overlayfs
+//! snapshotter leaves a layer after `archive.Apply` with its overlay whiteout
+//! converter: one directory per layer holding only that layer's changes, a
+//! deleted path as a 0:0 character device, an opaque directory marked with
+//! `trusted.overlay.opaque=y`, and ownership, modes (setuid included), times,
+//! xattrs, hardlinks, symlinks, device nodes and fifos preserved.
+//!
+//! Where coral differs from containerd, it is stricter, never looser:
+//! - An entry whose name is absolute or contains `..`, or whose parent is a
+//!   symlink, or a hardlink whose target is outside the layer, is *rejected*
+//!   with an error naming the layer and the entry (containerd resolves such
+//!   names inside the root instead). Legitimate images never need them.
+//! - `trusted.*` xattrs in a layer are dropped: they would steer overlayfs
+//!   itself (`trusted.overlay.*`); containerd does not apply them either.
+//! - The uncompressed stream is bounded: past `max_bytes` extraction stops
+//!   (decompression bombs).
+//!
+//! This module never follows a symlink inside the destination while writing,
+//! and never writes outside `dest`. It is blocking code: run it off the async
+//! runtime.
+
+use std::cell::Cell;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+
+use coral_seed::{DiffId, Digest};
+use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags};
+use sha2::{Digest as _, Sha256};
+use tar::EntryType;
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const PAX_XATTR: &str = "SCHILY.xattr.";
+/// Zero runs of at least this many bytes (aligned) become holes, as the
+/// filesystem would store them anyway; reading gives the same zeros.
+const HOLE_BLOCK: usize = 4096;
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer {layer}: entry {entry:?} {reason}; refusing to extract it (it would escape the layer directory)")]
+    Escape { layer: String, entry: String, reason: String },
+    #[error("layer {layer}: entry {entry:?}: {what}")]
+    Invalid { layer: String, entry: String, what: String },
+    #[error(
+        "layer {layer}: uncompressed stream exceeds the limit of {limit} bytes \
+         (a decompression bomb, or a layer larger than allowed: raise --max-unpacked or --size)"
+    )]
+    TooLarge { layer: String, limit: u64 },
+    #[error("layer {layer}: reading the layer stream: {source}")]
+    Read {
+        layer: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {layer}: entry {entry:?}: writing {path}: {source}")]
+    Write {
+        layer: String,
+        entry: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub struct UnpackOptions<'a> {
+    /// Names the layer in errors (e.g. `docker.io/library/x:1 layer sha256:…`).
+    pub layer: &'a str,
+    pub compression: Compression,
+    /// The layer's directory; created if missing, and expected to be empty.
+    pub dest: &'a Path,
+    /// Whether layers lie below this one. A base layer has nothing to delete,
+    /// so its whiteouts are dropped, as containerd drops them.
+    pub has_parent: bool,
+    /// Upper bound on the uncompressed stream, in bytes.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpackedLayer {
+    /// SHA-256 of the whole uncompressed stream.
+    pub diff_id: DiffId,
+    /// Length of the uncompressed stream.
+    pub tar_bytes: u64,
+    /// Bytes of regular-file content written.
+    pub file_bytes: u64,
+    /// Directories created only because an entry needed a parent (relative to
+    /// `dest`): containerd copies their metadata from the layers below, which
+    /// [`inherit_implicit_dirs`] does once those are extracted.
+    pub implicit_dirs: Vec<PathBuf>,
+}
+
+/// Hashes, counts and bounds the uncompressed stream as the tar reader pulls it.
+struct Metered<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        if self.count > self.limit {
+            self.exceeded.set(true);
+            return Err(io::Error::other("uncompressed size limit exceeded"));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Extracts one layer blob read from `blob` into `opts.dest`.
+pub fn unpack_layer(blob: impl Read, opts: &UnpackOptions<'_>) -> Result<UnpackedLayer, UnpackError> {
+    let layer = opts.layer.to_owned();
+    let stream: Box<dyn Read> = match opts.compression {
+        Compression::None => Box::new(blob),
+        // Multi-member gzip is valid and Go's reader (containerd's) accepts it.
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, blob))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob).map_err(|source| UnpackError::Read {
+            layer: layer.clone(),
+            source,
+        })?),
+    };
+    let exceeded = Rc::new(Cell::new(false));
+    let metered = Metered {
+        inner: stream,
+        hasher: Sha256::new(),
+        count: 0,
+        limit: opts.max_bytes,
+        exceeded: exceeded.clone(),
+    };
+    let read_err = |source: io::Error| {
+        if exceeded.get() {
+            UnpackError::TooLarge {
+                layer: layer.clone(),
+                limit: opts.max_bytes,
+            }
+        } else {
+            UnpackError::Read {
+                layer: layer.clone(),
+                source,
+            }
+        }
+    };
+
+    fs::create_dir_all(opts.dest).map_err(|source| UnpackError::Write {
+        layer: layer.clone(),
+        entry: String::new(),
+        path: opts.dest.to_owned(),
+        source,
+    })?;
+    let mut x = Extractor {
+        layer: &layer,
+        dest: opts.dest,
+        has_parent: opts.has_parent,
+        file_bytes: 0,
+        implicit_dirs: Vec::new(),
+        dir_times: Vec::new(),
+    };
+
+    let mut archive = tar::Archive::new(metered);
+    {
+        let entries = archive.entries().map_err(read_err)?;
+        for entry in entries {
+            let entry = entry.map_err(read_err)?;
+            x.entry(entry).map_err(|e| match e {
+                // A read error surfaced while copying file content.
+                UnpackError::Write { source, .. } if exceeded.get() => read_err(source),
+                other => other,
+            })?;
+        }
+    }
+    // The diff ID covers the whole stream, including what follows the
+    // end-of-archive marker, exactly as containerd hashes it.
+    let mut metered = archive.into_inner();
+    io::copy(&mut metered, &mut io::sink()).map_err(read_err)?;
+
+    // Directory times last: writing entries into a directory changes its mtime.
+    for (path, mtime) in x.dir_times.iter().rev() {
+        set_times(path, *mtime).map_err(|source| x.write_err("", path, source))?;
+    }
+    for rel in &x.implicit_dirs {
+        let path = opts.dest.join(rel);
+        set_times(&path, 0).map_err(|source| x.write_err("", &path, source))?;
+    }
+
+    Ok(UnpackedLayer {
+        diff_id: DiffId::new(Digest::from_sha256(metered.hasher.finalize().into())),
+        tar_bytes: metered.count,
+        file_bytes: x.file_bytes,
+        implicit_dirs: x.implicit_dirs,
+    })
+}
+
+struct Extractor<'a> {
+    layer: &'a str,
+    dest: &'a Path,
+    has_parent: bool,
+    file_bytes: u64,
+    implicit_dirs: Vec<PathBuf>,
+    dir_times: Vec<(PathBuf, i64)>,
+}
+
+/// Metadata of one entry, with PAX overrides applied.
+struct Meta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: i64,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<'a> Extractor<'a> {
+    fn escape(&self, entry: &str, reason: impl Into<String>) -> UnpackError {
+        UnpackError::Escape {
+            layer: self.layer.to_owned(),
+            entry: entry.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn invalid(&self, entry: &str, what: impl Into<String>) -> UnpackError {
+        UnpackError::Invalid {
+            layer: self.layer.to_owned(),
+            entry: entry.to_owned(),
+            what: what.into(),
+        }
+    }
+
+    fn write_err(&self, entry: &str, path: &Path, source: io::Error) -> UnpackError {
+        UnpackError::Write {
+            layer: self.layer.to_owned(),
+            entry: entry.to_owned(),
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// A member name as a relative path of normal components, or `None` for
+    /// the root itself (which containerd ignores too).
+    fn clean_name(&self, entry: &str, raw: &[u8]) -> Result<Option<PathBuf>, UnpackError> {
+        if raw.first() == Some(&b'/') {
+            return Err(self.escape(entry, "is an absolute path"));
+        }
+        let mut out = PathBuf::new();
+        for c in Path::new(OsStr::from_bytes(raw)).components() {
+            match c {
+                Component::Normal(n) => out.push(n),
+                Component::CurDir => {}
+                Component::ParentDir => return Err(self.escape(entry, "contains a '..' component")),
+                Component::RootDir | Component::Prefix(_) => return Err(self.escape(entry, "is an absolute path")),
+            }
+        }
+        Ok((!out.as_os_str().is_empty()).then_some(out))
+    }
+
+    /// Makes sure every parent of `rel` is a real directory inside `dest`,
+    /// creating missing ones (recorded as implicit), refusing symlinks.
+    fn ensure_parents(&mut self, entry: &str, rel: &Path) -> Result<(), UnpackError> {
+        let Some(parent) = rel.parent() else { return Ok(()) };
+        let mut cur = self.dest.to_path_buf();
+        let mut cur_rel = PathBuf::new();
+        for c in parent.components() {
+            cur.push(c);
+            cur_rel.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.escape(entry, format!("would be written through the symlink {:?}", cur_rel)));
+                }
+                Ok(_) => return Err(self.invalid(entry, format!("its parent {cur_rel:?} is not a directory"))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&cur).map_err(|source| self.write_err(entry, &cur, source))?;
+                    set_mode(&cur, 0o755).map_err(|source| self.write_err(entry, &cur, source))?;
+                    self.implicit_dirs.push(cur_rel.clone());
+                }
+                Err(source) => return Err(self.write_err(entry, &cur, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes whatever is at `path` (a directory with its contents).
+    fn remove_existing(&mut self, entry: &str, path: &Path) -> Result<(), UnpackError> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+            Ok(_) => fs::remove_file(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|source| self.write_err(entry, path, source))?;
+        // Anything implicit below a removed path is gone too.
+        if let Ok(rel) = path.strip_prefix(self.dest) {
+            self.implicit_dirs.retain(|d| !d.starts_with(rel));
+        }
+        Ok(())
+    }
+
+    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta, UnpackError> {
+        let h = entry.header();
+        let bad = |what: &str, e: io::Error| self.invalid(name, format!("bad {what} in header: {e}"));
+        let mut m = Meta {
+            uid: h.uid().map_err(|e| bad("uid", e))? as u32,
+            gid: h.gid().map_err(|e| bad("gid", e))? as u32,
+            mode: h.mode().map_err(|e| bad("mode", e))? & 0o7777,
+            mtime: h.mtime().map_err(|e| bad("mtime", e))? as i64,
+            xattrs: Vec::new(),
+        };
+        if let Some(pax) = entry.pax_extensions().map_err(|e| bad("PAX extensions", e))? {
+            for ext in pax {
+                let ext = ext.map_err(|e| bad("PAX record", e))?;
+                let key = ext.key_bytes();
+                let value = ext.value_bytes();
+                let num = |v: &[u8]| std::str::from_utf8(v).ok().and_then(|s| s.split('.').next()?.parse::<i64>().ok());
+                match key {
+                    b"uid" => m.uid = num(value).ok_or_else(|| self.invalid(name, "bad PAX uid"))? as u32,
+                    b"gid" => m.gid = num(value).ok_or_else(|| self.invalid(name, "bad PAX gid"))? as u32,
+                    b"mtime" => m.mtime = num(value).ok_or_else(|| self.invalid(name, "bad PAX mtime"))?,
+                    k if k.starts_with(PAX_XATTR.as_bytes()) => {
+                        let attr = &k[PAX_XATTR.len()..];
+                        if !attr.starts_with(b"trusted.") {
+                            m.xattrs.push((attr.to_vec(), value.to_vec()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        let kind = entry.header().entry_type();
+        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink)
+        {
+            return Ok(());
+        }
+        let raw_name = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw_name).into_owned();
+        let Some(rel) = self.clean_name(&name, &raw_name)? else { return Ok(()) };
+        let meta = self.meta(&mut entry, &name)?;
+        let base = rel.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+
+        // Whiteouts: never written as files.
+        if base == WHITEOUT_OPAQUE {
+            if self.has_parent {
+                self.ensure_parents(&name, &rel)?;
+                let dir = self.dest.join(rel.parent().unwrap_or(Path::new("")));
+                rustix::fs::lsetxattr(&dir, OPAQUE_XATTR, b"y", XattrFlags::empty())
+                    .map_err(|e| self.write_err(&name, &dir, e.into()))?;
+            }
+            return Ok(());
+        }
+        if let Some(original) = base.strip_prefix(WHITEOUT_PREFIX) {
+            if original.is_empty() || original == "." || original == ".." {
+                return Err(self.escape(&name, "is a whiteout for an invalid name"));
+            }
+            let target_rel = rel.with_file_name(original);
+            let target = self.dest.join(&target_rel);
+            self.ensure_parents(&name, &target_rel)?;
+            self.remove_existing(&name, &target)?;
+            if self.has_parent {
+                rustix::fs::mknodat(CWD, &target, FileType::CharacterDevice, Mode::empty(), 0)
+                    .map_err(|e| self.write_err(&name, &target, e.into()))?;
+                self.apply_meta(&name, &target, &meta, false)?;
+            }
+            return Ok(());
+        }
+
+        self.ensure_parents(&name, &rel)?;
+        let path = self.dest.join(&rel);
+        let existing_dir = fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        if !(existing_dir && kind == EntryType::Directory) {
+            self.remove_existing(&name, &path)?;
+        }
+        let werr = |s: &Self, e: io::Error| s.write_err(&name, &path, e);
+
+        match kind {
+            EntryType::Directory => {
+                if !existing_dir {
+                    fs::create_dir(&path).map_err(|e| werr(self, e))?;
+                }
+                // An explicit entry wins over an implicit parent made earlier.
+                self.implicit_dirs.retain(|d| d != &rel);
+            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(|e| werr(self, e))?;
+                let n = copy_sparse(&mut entry, &mut f).map_err(|e| werr(self, e))?;
+                self.file_bytes += n;
+            }
+            EntryType::Link => {
+                let raw_target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.invalid(&name, "hardlink without a target"))?
+                    .into_owned();
+                let target_name = String::from_utf8_lossy(&raw_target).into_owned();
+                let target_rel = self
+                    .clean_name(&name, &raw_target)
+                    .map_err(|_| self.escape(&name, format!("is a hardlink to {target_name:?}, outside the layer")))?
+                    .ok_or_else(|| self.escape(&name, "is a hardlink to the layer root"))?;
+                self.check_no_symlink_parents(&name, &target_rel)?;
+                let target = self.dest.join(&target_rel);
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if !m.is_dir() => {}
+                    Ok(_) => return Err(self.invalid(&name, format!("is a hardlink to the directory {target_name:?}"))),
+                    Err(_) => {
+                        return Err(self.invalid(
+                            &name,
+                            format!(
+                                "is a hardlink to {target_name:?}, which is not in this layer \
+                                 (links to lower layers are refused, as containerd refuses them)"
+                            ),
+                        ));
+                    }
+                }
+                fs::hard_link(&target, &path).map_err(|e| werr(self, e))?;
+                // containerd chowns and times the (shared) inode but leaves its mode.
+                return self.apply_meta(&name, &path, &meta, false);
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.invalid(&name, "symlink without a target"))?
+                    .into_owned();
+                symlink(OsStr::from_bytes(&target), &path).map_err(|e| werr(self, e))?;
+                return self.apply_meta(&name, &path, &meta, false);
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let h = entry.header();
+                let major = h.device_major().ok().flatten().unwrap_or(0);
+                let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                let ft = match kind {
+                    EntryType::Char => FileType::CharacterDevice,
+                    EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                rustix::fs::mknodat(CWD, &path, ft, Mode::empty(), rustix::fs::makedev(major, minor))
+                    .map_err(|e| werr(self, e.into()))?;
+            }
+            other => {
+                return Err(self.invalid(&name, format!("unsupported tar entry type {:?}", other.as_byte() as char)));
+            }
+        }
+
+        self.apply_meta(&name, &path, &meta, true)?;
+        if kind == EntryType::Directory {
+            self.dir_times.push((path, meta.mtime));
+        }
+        Ok(())
+    }
+
+    fn check_no_symlink_parents(&self, entry: &str, rel: &Path) -> Result<(), UnpackError> {
+        let mut cur = self.dest.to_path_buf();
+        if let Some(parent) = rel.parent() {
+            for c in parent.components() {
+                cur.push(c);
+                if fs::symlink_metadata(&cur).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+                    return Err(self.escape(entry, format!("is a hardlink through the symlink {:?}", cur)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_xattrs(&self, entry: &str, path: &Path, meta: &Meta) -> Result<(), UnpackError> {
+        for (k, v) in &meta.xattrs {
+            let name = OsStr::from_bytes(k);
+            if let Err(e) = rustix::fs::lsetxattr(path, name, v, XattrFlags::empty()) {
+                let security = k.starts_with(b"security.");
+                // As containerd: unsupported attributes, and security.* the
+                // kernel refuses, are skipped; Linux refuses user.* on symlinks.
+                if e == rustix::io::Errno::OPNOTSUPP || (e == rustix::io::Errno::PERM && (security || is_symlink(path))) {
+                    tracing::debug!(layer = self.layer, entry, xattr = %name.to_string_lossy(), "xattr skipped: {e}");
+                    continue;
+                }
+                return Err(self.write_err(entry, path, e.into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ownership, xattrs, mode, times, in the order containerd applies them:
+    /// chown clears setuid/setgid and `security.capability`, so it goes first.
+    fn apply_meta(&self, entry: &str, path: &Path, meta: &Meta, chmod: bool) -> Result<(), UnpackError> {
+        let werr = |e: io::Error| self.write_err(entry, path, e);
+        rustix::fs::chownat(
+            CWD,
+            path,
+            Some(rustix::fs::Uid::from_raw(meta.uid)),
+            Some(rustix::fs::Gid::from_raw(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| werr(e.into()))?;
+        self.set_xattrs(entry, path, meta)?;
+        if chmod && !is_symlink(path) {
+            set_mode(path, meta.mode).map_err(werr)?;
+        }
+        set_times(path, meta.mtime).map_err(werr)
+    }
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false)
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    rustix::fs::chmod(path, Mode::from_raw_mode(mode)).map_err(Into::into)
+}
+
+/// Sets atime and mtime (not following symlinks).
+fn set_times(path: &Path, mtime: i64) -> io::Result<()> {
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        CWD,
+        path,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(Into::into)
+}
+
+/// Copies `src` to `dst`, leaving aligned all-zero blocks as holes.
+fn copy_sparse(src: &mut impl Read, dst: &mut File) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    let mut pending_hole = false;
+    loop {
+        let n = read_full(src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for chunk in buf[..n].chunks(HOLE_BLOCK) {
+            if chunk.len() == HOLE_BLOCK && chunk.iter().all(|b| *b == 0) {
+                dst.seek(SeekFrom::Current(HOLE_BLOCK as i64))?;
+                pending_hole = true;
+            } else {
+                dst.write_all(chunk)?;
+                pending_hole = false;
+            }
+        }
+        total += n as u64;
+    }
+    if pending_hole {
+        // A trailing hole: give the file its full length.
+        dst.set_len(total)?;
+    }
+    Ok(total)
+}
+
+/// Reads until `buf` is full or the stream ends (so hole detection sees
+/// aligned blocks whatever sizes the decompressor hands out).
+fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Gives directories that a layer created only as parents the metadata of the
+/// same directory in the layers below (`parents`, topmost first), as
+/// containerd's `mkparent` does; directories found in none keep 0755 root.
+pub fn inherit_implicit_dirs(dest: &Path, implicit: &[PathBuf], parents: &[&Path]) -> io::Result<()> {
+    for rel in implicit {
+        let path = dest.join(rel);
+        for p in parents {
+            let candidate = resolve_in_root(p, rel)?;
+            match fs::symlink_metadata(&candidate) {
+                Ok(m) if m.is_dir() => {
+                    use std::os::unix::fs::MetadataExt;
+                    rustix::fs::chownat(
+                        CWD,
+                        &path,
+                        Some(rustix::fs::Uid::from_raw(m.uid())),
+                        Some(rustix::fs::Gid::from_raw(m.gid())),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )?;
+                    set_mode(&path, m.mode() & 0o7777)?;
+                    set_times(&path, m.mtime())?;
+                    break;
+                }
+                // Replaced by a non-directory below: keep the defaults.
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolves `rel` inside `root` as if `root` were `/`: symlinks are followed
+/// but can never leave `root` (containerd's `fs.RootPath`).
+pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let mut pending: Vec<PathBuf> = rel.components().rev().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(c) = pending.pop() {
+        match c.as_os_str().as_bytes() {
+            b"/" | b"." | b"" => continue,
+            b".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = root.join(&resolved).join(&c);
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 255 {
+                    return Err(io::Error::other(format!("too many symlinks resolving {}", rel.display())));
+                }
+                let target = fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                pending.extend(target.components().rev().map(|c| PathBuf::from(c.as_os_str())));
+            }
+            _ => resolved.push(&c),
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+#[cfg(test)]
+#[path = "unpack_tests.rs"]
+mod tests;
