@@ -43,7 +43,7 @@ impl ContainerdBuild {
         let version = out
             .split_whitespace()
             .nth(2)
-            .map(|v| v.trim_start_matches('v').split('~').next().unwrap_or(v).to_owned())
+            .map(|v| v.trim_start_matches('v').split(['~', '+']).next().unwrap_or(v).to_owned())
             .with_context(|| format!("unexpected `containerd --version` output: {out}"))?;
         Ok(ContainerdBuild {
             version,
