@@ -44,12 +44,9 @@ impl Registry {
         let mut tls_yaml = String::new();
         let mut ca_cert = None;
         if options.tls {
-            let cert = dir.path().join("cert.pem");
-            let key = dir.path().join("key.pem");
-            run(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=coral-test-registry", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout"]).arg(&key).arg("-out").arg(&cert))
-                .context("creating the registry's self-signed certificate (is openssl installed?)")?;
+            let (cert, key, ca) = make_certificates(dir.path())?;
             tls_yaml = format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
-            ca_cert = Some(cert);
+            ca_cert = Some(ca);
         }
         let mut auth_yaml = String::new();
         if let Some((user, pass)) = &options.auth {
@@ -154,4 +151,48 @@ impl Registry {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A throwaway CA and a server certificate it signed for IP 127.0.0.1
+/// (rustls rightly refuses a self-signed CA certificate as a server's).
+fn make_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_key = dir.join("ca-key.pem");
+    let ca = dir.join("ca.pem");
+    let key = dir.join("key.pem");
+    let csr = dir.join("server.csr");
+    let cert = dir.join("cert.pem");
+    let ext = dir.join("server.ext");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "2", "-subj", "/CN=coral-test-ca", "-keyout"])
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca))
+    .context("creating the test CA (is openssl installed?)")?;
+    run(Command::new("openssl")
+        .arg("req")
+        .args(ec)
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr))?;
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert))?;
+    Ok((cert, key, ca))
 }
