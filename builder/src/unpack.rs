@@ -58,7 +58,9 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
             "application/vnd.oci.image.layer.v1.tar+zstd"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
             | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
@@ -69,10 +71,20 @@ impl Compression {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
-    #[error("layer {layer}: entry {entry:?} {reason}; refusing to extract it (it would escape the layer directory)")]
-    Escape { layer: String, entry: String, reason: String },
+    #[error(
+        "layer {layer}: entry {entry:?} {reason}; refusing to extract it (it would escape the layer directory)"
+    )]
+    Escape {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
     #[error("layer {layer}: entry {entry:?}: {what}")]
-    Invalid { layer: String, entry: String, what: String },
+    Invalid {
+        layer: String,
+        entry: String,
+        what: String,
+    },
     #[error(
         "layer {layer}: uncompressed stream exceeds the limit of {limit} bytes \
          (a decompression bomb, or a layer larger than allowed: raise --max-unpacked or --size)"
@@ -144,16 +156,25 @@ impl<R: Read> Read for Metered<R> {
 }
 
 /// Extracts one layer blob read from `blob` into `opts.dest`.
-pub fn unpack_layer(blob: impl Read, opts: &UnpackOptions<'_>) -> Result<UnpackedLayer, UnpackError> {
+pub fn unpack_layer(
+    blob: impl Read,
+    opts: &UnpackOptions<'_>,
+) -> Result<UnpackedLayer, UnpackError> {
     let layer = opts.layer.to_owned();
     let stream: Box<dyn Read> = match opts.compression {
         Compression::None => Box::new(blob),
         // Multi-member gzip is valid and Go's reader (containerd's) accepts it.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, blob))),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob).map_err(|source| UnpackError::Read {
-            layer: layer.clone(),
-            source,
-        })?),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(1 << 16, blob),
+        )),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(blob).map_err(|source| {
+                UnpackError::Read {
+                    layer: layer.clone(),
+                    source,
+                }
+            })?)
+        }
     };
     let exceeded = Rc::new(Cell::new(false));
     let metered = Metered {
@@ -282,7 +303,9 @@ impl<'a> Extractor<'a> {
                 Component::Normal(n) => out.push(n),
                 Component::CurDir => {}
                 Component::ParentDir => return Err(self.escape(entry, "contains a '..' component")),
-                Component::RootDir | Component::Prefix(_) => return Err(self.escape(entry, "is an absolute path")),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(self.escape(entry, "is an absolute path"));
+                }
             }
         }
         Ok((!out.as_os_str().is_empty()).then_some(out))
@@ -291,7 +314,9 @@ impl<'a> Extractor<'a> {
     /// Makes sure every parent of `rel` is a real directory inside `dest`,
     /// creating missing ones (recorded as implicit), refusing symlinks.
     fn ensure_parents(&mut self, entry: &str, rel: &Path) -> Result<(), UnpackError> {
-        let Some(parent) = rel.parent() else { return Ok(()) };
+        let Some(parent) = rel.parent() else {
+            return Ok(());
+        };
         let mut cur = self.dest.to_path_buf();
         let mut cur_rel = PathBuf::new();
         for c in parent.components() {
@@ -300,9 +325,16 @@ impl<'a> Extractor<'a> {
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(self.escape(entry, format!("would be written through the symlink {:?}", cur_rel)));
+                    return Err(self.escape(
+                        entry,
+                        format!("would be written through the symlink {:?}", cur_rel),
+                    ));
                 }
-                Ok(_) => return Err(self.invalid(entry, format!("its parent {cur_rel:?} is not a directory"))),
+                Ok(_) => {
+                    return Err(
+                        self.invalid(entry, format!("its parent {cur_rel:?} is not a directory"))
+                    );
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&cur).map_err(|source| self.write_err(entry, &cur, source))?;
                     set_mode(&cur, 0o755).map_err(|source| self.write_err(entry, &cur, source))?;
@@ -330,9 +362,14 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta, UnpackError> {
+    fn meta<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<Meta, UnpackError> {
         let h = entry.header();
-        let bad = |what: &str, e: io::Error| self.invalid(name, format!("bad {what} in header: {e}"));
+        let bad =
+            |what: &str, e: io::Error| self.invalid(name, format!("bad {what} in header: {e}"));
         let mut m = Meta {
             uid: h.uid().map_err(|e| bad("uid", e))? as u32,
             gid: h.gid().map_err(|e| bad("gid", e))? as u32,
@@ -340,16 +377,29 @@ impl<'a> Extractor<'a> {
             mtime: h.mtime().map_err(|e| bad("mtime", e))? as i64,
             xattrs: Vec::new(),
         };
-        if let Some(pax) = entry.pax_extensions().map_err(|e| bad("PAX extensions", e))? {
+        if let Some(pax) = entry
+            .pax_extensions()
+            .map_err(|e| bad("PAX extensions", e))?
+        {
             for ext in pax {
                 let ext = ext.map_err(|e| bad("PAX record", e))?;
                 let key = ext.key_bytes();
                 let value = ext.value_bytes();
-                let num = |v: &[u8]| std::str::from_utf8(v).ok().and_then(|s| s.split('.').next()?.parse::<i64>().ok());
+                let num = |v: &[u8]| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.split('.').next()?.parse::<i64>().ok())
+                };
                 match key {
-                    b"uid" => m.uid = num(value).ok_or_else(|| self.invalid(name, "bad PAX uid"))? as u32,
-                    b"gid" => m.gid = num(value).ok_or_else(|| self.invalid(name, "bad PAX gid"))? as u32,
-                    b"mtime" => m.mtime = num(value).ok_or_else(|| self.invalid(name, "bad PAX mtime"))?,
+                    b"uid" => {
+                        m.uid = num(value).ok_or_else(|| self.invalid(name, "bad PAX uid"))? as u32
+                    }
+                    b"gid" => {
+                        m.gid = num(value).ok_or_else(|| self.invalid(name, "bad PAX gid"))? as u32
+                    }
+                    b"mtime" => {
+                        m.mtime = num(value).ok_or_else(|| self.invalid(name, "bad PAX mtime"))?
+                    }
                     k if k.starts_with(PAX_XATTR.as_bytes()) => {
                         let attr = &k[PAX_XATTR.len()..];
                         if !attr.starts_with(b"trusted.") {
@@ -365,15 +415,25 @@ impl<'a> Extractor<'a> {
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
-        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink)
-        {
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) {
             return Ok(());
         }
         let raw_name = entry.path_bytes().into_owned();
         let name = String::from_utf8_lossy(&raw_name).into_owned();
-        let Some(rel) = self.clean_name(&name, &raw_name)? else { return Ok(()) };
+        let Some(rel) = self.clean_name(&name, &raw_name)? else {
+            return Ok(());
+        };
         let meta = self.meta(&mut entry, &name)?;
-        let base = rel.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = rel
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default();
 
         // Whiteouts: never written as files.
         if base == WHITEOUT_OPAQUE {
@@ -403,7 +463,9 @@ impl<'a> Extractor<'a> {
 
         self.ensure_parents(&name, &rel)?;
         let path = self.dest.join(&rel);
-        let existing_dir = fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        let existing_dir = fs::symlink_metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         if !(existing_dir && kind == EntryType::Directory) {
             self.remove_existing(&name, &path)?;
         }
@@ -436,13 +498,23 @@ impl<'a> Extractor<'a> {
                 let target_name = String::from_utf8_lossy(&raw_target).into_owned();
                 let target_rel = self
                     .clean_name(&name, &raw_target)
-                    .map_err(|_| self.escape(&name, format!("is a hardlink to {target_name:?}, outside the layer")))?
+                    .map_err(|_| {
+                        self.escape(
+                            &name,
+                            format!("is a hardlink to {target_name:?}, outside the layer"),
+                        )
+                    })?
                     .ok_or_else(|| self.escape(&name, "is a hardlink to the layer root"))?;
                 self.check_no_symlink_parents(&name, &target_rel)?;
                 let target = self.dest.join(&target_rel);
                 match fs::symlink_metadata(&target) {
                     Ok(m) if !m.is_dir() => {}
-                    Ok(_) => return Err(self.invalid(&name, format!("is a hardlink to the directory {target_name:?}"))),
+                    Ok(_) => {
+                        return Err(self.invalid(
+                            &name,
+                            format!("is a hardlink to the directory {target_name:?}"),
+                        ));
+                    }
                     Err(_) => {
                         return Err(self.invalid(
                             &name,
@@ -474,11 +546,20 @@ impl<'a> Extractor<'a> {
                     EntryType::Block => FileType::BlockDevice,
                     _ => FileType::Fifo,
                 };
-                rustix::fs::mknodat(CWD, &path, ft, Mode::empty(), rustix::fs::makedev(major, minor))
-                    .map_err(|e| werr(self, e.into()))?;
+                rustix::fs::mknodat(
+                    CWD,
+                    &path,
+                    ft,
+                    Mode::empty(),
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(|e| werr(self, e.into()))?;
             }
             other => {
-                return Err(self.invalid(&name, format!("unsupported tar entry type {:?}", other.as_byte() as char)));
+                return Err(self.invalid(
+                    &name,
+                    format!("unsupported tar entry type {:?}", other.as_byte() as char),
+                ));
             }
         }
 
@@ -494,8 +575,14 @@ impl<'a> Extractor<'a> {
         if let Some(parent) = rel.parent() {
             for c in parent.components() {
                 cur.push(c);
-                if fs::symlink_metadata(&cur).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
-                    return Err(self.escape(entry, format!("is a hardlink through the symlink {:?}", cur)));
+                if fs::symlink_metadata(&cur)
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false)
+                {
+                    return Err(self.escape(
+                        entry,
+                        format!("is a hardlink through the symlink {:?}", cur),
+                    ));
                 }
             }
         }
@@ -509,7 +596,9 @@ impl<'a> Extractor<'a> {
                 let security = k.starts_with(b"security.");
                 // As containerd: unsupported attributes, and security.* the
                 // kernel refuses, are skipped; Linux refuses user.* on symlinks.
-                if e == rustix::io::Errno::OPNOTSUPP || (e == rustix::io::Errno::PERM && (security || is_symlink(path))) {
+                if e == rustix::io::Errno::OPNOTSUPP
+                    || (e == rustix::io::Errno::PERM && (security || is_symlink(path)))
+                {
                     tracing::debug!(layer = self.layer, entry, xattr = %name.to_string_lossy(), "xattr skipped: {e}");
                     continue;
                 }
@@ -521,7 +610,13 @@ impl<'a> Extractor<'a> {
 
     /// Ownership, xattrs, mode, times, in the order containerd applies them:
     /// chown clears setuid/setgid and `security.capability`, so it goes first.
-    fn apply_meta(&self, entry: &str, path: &Path, meta: &Meta, chmod: bool) -> Result<(), UnpackError> {
+    fn apply_meta(
+        &self,
+        entry: &str,
+        path: &Path,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), UnpackError> {
         let werr = |e: io::Error| self.write_err(entry, path, e);
         rustix::fs::chownat(
             CWD,
@@ -540,7 +635,9 @@ impl<'a> Extractor<'a> {
 }
 
 fn is_symlink(path: &Path) -> bool {
-    fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false)
+    fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false)
 }
 
 fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
@@ -611,7 +708,11 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Gives directories that a layer created only as parents the metadata of the
 /// same directory in the layers below (`parents`, topmost first), as
 /// containerd's `mkparent` does; directories found in none keep 0755 root.
-pub fn inherit_implicit_dirs(dest: &Path, implicit: &[PathBuf], parents: &[&Path]) -> io::Result<()> {
+pub fn inherit_implicit_dirs(
+    dest: &Path,
+    implicit: &[PathBuf],
+    parents: &[&Path],
+) -> io::Result<()> {
     for rel in implicit {
         let path = dest.join(rel);
         for p in parents {
@@ -643,7 +744,11 @@ pub fn inherit_implicit_dirs(dest: &Path, implicit: &[PathBuf], parents: &[&Path
 /// Resolves `rel` inside `root` as if `root` were `/`: symlinks are followed
 /// but can never leave `root` (containerd's `fs.RootPath`).
 pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
-    let mut pending: Vec<PathBuf> = rel.components().rev().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut pending: Vec<PathBuf> = rel
+        .components()
+        .rev()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
     let mut resolved = PathBuf::new();
     let mut links = 0;
     while let Some(c) = pending.pop() {
@@ -660,13 +765,21 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
             Ok(m) if m.file_type().is_symlink() => {
                 links += 1;
                 if links > 255 {
-                    return Err(io::Error::other(format!("too many symlinks resolving {}", rel.display())));
+                    return Err(io::Error::other(format!(
+                        "too many symlinks resolving {}",
+                        rel.display()
+                    )));
                 }
                 let target = fs::read_link(&candidate)?;
                 if target.is_absolute() {
                     resolved = PathBuf::new();
                 }
-                pending.extend(target.components().rev().map(|c| PathBuf::from(c.as_os_str())));
+                pending.extend(
+                    target
+                        .components()
+                        .rev()
+                        .map(|c| PathBuf::from(c.as_os_str())),
+                );
             }
             _ => resolved.push(&c),
         }

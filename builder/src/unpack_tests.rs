@@ -126,23 +126,53 @@ fn regular_entries_keep_type_mode_owner_times_and_content() {
     let f = fs::metadata(p("home/u/f")).unwrap();
     assert_eq!((f.uid(), f.gid()), (1000, 1001));
     assert_eq!(fs::metadata(p("etc/hello")).unwrap().mtime(), 1_700_000_000);
-    assert_eq!(fs::symlink_metadata(p("etc")).unwrap().mtime(), 1_700_000_000, "dir times set last");
+    assert_eq!(
+        fs::symlink_metadata(p("etc")).unwrap().mtime(),
+        1_700_000_000,
+        "dir times set last"
+    );
     assert_eq!(fs::read_link(p("etc/rel")).unwrap(), Path::new("hello"));
-    assert_eq!(fs::read_link(p("etc/abs")).unwrap(), Path::new("/etc/hello"));
-    assert_eq!(fs::read_link(p("etc/dangling")).unwrap(), Path::new("nowhere"));
-    assert_eq!(fs::metadata(p("etc/hard")).unwrap().ino(), fs::metadata(p("etc/hello")).unwrap().ino());
+    assert_eq!(
+        fs::read_link(p("etc/abs")).unwrap(),
+        Path::new("/etc/hello")
+    );
+    assert_eq!(
+        fs::read_link(p("etc/dangling")).unwrap(),
+        Path::new("nowhere")
+    );
+    assert_eq!(
+        fs::metadata(p("etc/hard")).unwrap().ino(),
+        fs::metadata(p("etc/hello")).unwrap().ino()
+    );
     let null = fs::symlink_metadata(p("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
-    assert!(fs::symlink_metadata(p("dev/loop0")).unwrap().file_type().is_block_device());
-    assert!(fs::symlink_metadata(p("run/fifo")).unwrap().file_type().is_fifo());
+    assert!(
+        fs::symlink_metadata(p("dev/loop0"))
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    assert!(
+        fs::symlink_metadata(p("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
 
     // The diff ID is the SHA-256 of the whole stream (trailing zero blocks included).
-    assert_eq!(out.diff_id.to_string(), format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
+    assert_eq!(
+        out.diff_id.to_string(),
+        format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+    );
     assert_eq!(out.tar_bytes, tar.len() as u64);
     assert_eq!(out.file_bytes, 6 + 12 + 4);
     // usr, usr/bin, home, home/u, dev, run were never named: implicit.
-    let mut implicit: Vec<String> = out.implicit_dirs.iter().map(|p| p.display().to_string()).collect();
+    let mut implicit: Vec<String> = out
+        .implicit_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     implicit.sort();
     assert_eq!(implicit, ["dev", "home", "home/u", "run", "usr", "usr/bin"]);
 }
@@ -160,9 +190,19 @@ fn xattrs_are_applied_except_trusted_ones() {
         .dir("sneaky/", 0o755)
         .bytes();
     unpack(&tar, d.path(), true).unwrap();
-    assert_eq!(xattr(&d.path().join("a"), "user.coral").as_deref(), Some(&b"hello"[..]));
-    assert_eq!(xattr(&d.path().join("ping"), "security.capability").as_deref(), Some(&cap[..]));
-    assert_eq!(xattr(&d.path().join("sneaky"), "trusted.overlay.opaque"), None, "a layer must not steer overlayfs");
+    assert_eq!(
+        xattr(&d.path().join("a"), "user.coral").as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(
+        xattr(&d.path().join("ping"), "security.capability").as_deref(),
+        Some(&cap[..])
+    );
+    assert_eq!(
+        xattr(&d.path().join("sneaky"), "trusted.overlay.opaque"),
+        None,
+        "a layer must not steer overlayfs"
+    );
 }
 
 #[test]
@@ -178,7 +218,10 @@ fn whiteouts_become_overlay_char_devices_over_a_parent() {
     assert!(wh.file_type().is_char_device());
     assert_eq!(wh.rdev(), 0);
     assert!(!d.path().join("etc/.wh.deleted").exists());
-    assert_eq!(xattr(&d.path().join("opt/opaque"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&d.path().join("opt/opaque"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert!(!d.path().join("opt/opaque/.wh..wh..opq").exists());
     assert_eq!(fs::read(d.path().join("opt/opaque/new")).unwrap(), b"n");
 }
@@ -192,7 +235,10 @@ fn whiteouts_in_a_base_layer_leave_nothing() {
         .file("dir/.wh..wh..opq", 0o644, b"")
         .bytes();
     unpack(&tar, d.path(), false).unwrap();
-    assert!(fs::symlink_metadata(d.path().join("a")).is_err(), "deleted within the base layer");
+    assert!(
+        fs::symlink_metadata(d.path().join("a")).is_err(),
+        "deleted within the base layer"
+    );
     assert!(xattr(&d.path().join("dir"), "trusted.overlay.opaque").is_none());
 }
 
@@ -209,17 +255,42 @@ fn later_entries_replace_earlier_ones_but_directories_merge() {
         .bytes();
     unpack(&tar, d.path(), false).unwrap();
     assert!(fs::metadata(d.path().join("x")).unwrap().is_dir());
-    assert_eq!(fs::metadata(d.path().join("x")).unwrap().mode() & 0o7777, 0o750);
-    assert_eq!(fs::read(d.path().join("x/inner")).unwrap(), b"i", "a second dir entry keeps contents");
+    assert_eq!(
+        fs::metadata(d.path().join("x")).unwrap().mode() & 0o7777,
+        0o750
+    );
+    assert_eq!(
+        fs::read(d.path().join("x/inner")).unwrap(),
+        b"i",
+        "a second dir entry keeps contents"
+    );
     assert_eq!(fs::read(d.path().join("y")).unwrap(), b"two");
 }
 
 #[test]
 fn hostile_entries_are_refused_with_the_layer_and_entry_named() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", Tar::new().raw(EntryType::Regular, "../escape", None, b"x").bytes(), "'..'"),
-        ("nested dotdot", Tar::new().raw(EntryType::Regular, "a/../../escape", None, b"x").bytes(), "'..'"),
-        ("absolute", Tar::new().raw(EntryType::Regular, "/etc/escape", None, b"x").bytes(), "absolute"),
+        (
+            "dotdot",
+            Tar::new()
+                .raw(EntryType::Regular, "../escape", None, b"x")
+                .bytes(),
+            "'..'",
+        ),
+        (
+            "nested dotdot",
+            Tar::new()
+                .raw(EntryType::Regular, "a/../../escape", None, b"x")
+                .bytes(),
+            "'..'",
+        ),
+        (
+            "absolute",
+            Tar::new()
+                .raw(EntryType::Regular, "/etc/escape", None, b"x")
+                .bytes(),
+            "absolute",
+        ),
         (
             "through symlink",
             Tar::new()
@@ -230,12 +301,16 @@ fn hostile_entries_are_refused_with_the_layer_and_entry_named() {
         ),
         (
             "hardlink out",
-            Tar::new().raw(EntryType::Link, "h", Some("../../etc/passwd"), b"").bytes(),
+            Tar::new()
+                .raw(EntryType::Link, "h", Some("../../etc/passwd"), b"")
+                .bytes(),
             "outside the layer",
         ),
         (
             "hardlink absolute",
-            Tar::new().raw(EntryType::Link, "h", Some("/etc/passwd"), b"").bytes(),
+            Tar::new()
+                .raw(EntryType::Link, "h", Some("/etc/passwd"), b"")
+                .bytes(),
             "outside the layer",
         ),
         (
@@ -248,19 +323,36 @@ fn hostile_entries_are_refused_with_the_layer_and_entry_named() {
         ),
         (
             "hardlink to lower layer",
-            Tar::new().raw(EntryType::Link, "h", Some("not/here"), b"").bytes(),
+            Tar::new()
+                .raw(EntryType::Link, "h", Some("not/here"), b"")
+                .bytes(),
             "not in this layer",
         ),
-        ("whiteout dotdot", Tar::new().raw(EntryType::Regular, "a/.wh...", None, b"").bytes(), "invalid name"),
+        (
+            "whiteout dotdot",
+            Tar::new()
+                .raw(EntryType::Regular, "a/.wh...", None, b"")
+                .bytes(),
+            "invalid name",
+        ),
     ];
     for (what, tar, needle) in cases {
         let outer = tempfile::tempdir().unwrap();
         let dest = outer.path().join("layer");
-        let err = unpack(&tar, &dest, true).map(|_| ()).unwrap_err().to_string();
+        let err = unpack(&tar, &dest, true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{what}: {err}");
-        assert!(err.contains("test-layer"), "{what}: the layer is named: {err}");
+        assert!(
+            err.contains("test-layer"),
+            "{what}: the layer is named: {err}"
+        );
         // Nothing landed beside the layer directory.
-        let beside: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let beside: Vec<_> = fs::read_dir(outer.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(beside, vec![std::ffi::OsString::from("layer")], "{what}");
     }
     assert!(!Path::new("/etc/escape").exists() && !Path::new("/tmp/escape").exists());
@@ -333,7 +425,11 @@ fn zero_runs_become_holes_and_read_back_identically() {
     let path = d.path().join("sparse");
     assert_eq!(fs::read(&path).unwrap(), data);
     let m = fs::metadata(&path).unwrap();
-    assert!(m.blocks() * 512 < 1 << 20, "{} bytes allocated for 8 MiB of mostly zeros", m.blocks() * 512);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "{} bytes allocated for 8 MiB of mostly zeros",
+        m.blocks() * 512
+    );
 }
 
 #[test]
@@ -357,7 +453,12 @@ fn implicit_parents_inherit_metadata_from_lower_layers_through_symlinks() {
     .unwrap();
 
     let upper = tempfile::tempdir().unwrap();
-    let out = unpack(&Tar::new().file("lib/new", 0o644, b"n").bytes(), upper.path(), true).unwrap();
+    let out = unpack(
+        &Tar::new().file("lib/new", 0o644, b"n").bytes(),
+        upper.path(),
+        true,
+    )
+    .unwrap();
     assert_eq!(out.implicit_dirs, vec![PathBuf::from("lib")]);
     inherit_implicit_dirs(upper.path(), &out.implicit_dirs, &[lower.path()]).unwrap();
     let m = fs::metadata(upper.path().join("lib")).unwrap();
@@ -369,8 +470,14 @@ fn resolve_in_root_never_leaves_the_root() {
     let root = tempfile::tempdir().unwrap();
     symlink("/../../etc", root.path().join("up")).unwrap();
     symlink("../../..", root.path().join("rel")).unwrap();
-    assert_eq!(resolve_in_root(root.path(), Path::new("up/passwd")).unwrap(), root.path().join("etc/passwd"));
-    assert_eq!(resolve_in_root(root.path(), Path::new("rel/x")).unwrap(), root.path().join("x"));
+    assert_eq!(
+        resolve_in_root(root.path(), Path::new("up/passwd")).unwrap(),
+        root.path().join("etc/passwd")
+    );
+    assert_eq!(
+        resolve_in_root(root.path(), Path::new("rel/x")).unwrap(),
+        root.path().join("x")
+    );
     symlink("loop", root.path().join("loop")).unwrap();
     assert!(resolve_in_root(root.path(), Path::new("loop/x")).is_err());
 }

@@ -39,9 +39,13 @@ impl Algorithm {
 pub enum DigestError {
     #[error("invalid digest {0:?}: expected ALGORITHM:HEX, e.g. sha256:<64 hex digits>")]
     MissingSeparator(String),
-    #[error("invalid digest {input:?}: unsupported algorithm {algorithm:?} (supported: sha256, sha512)")]
+    #[error(
+        "invalid digest {input:?}: unsupported algorithm {algorithm:?} (supported: sha256, sha512)"
+    )]
     UnsupportedAlgorithm { input: String, algorithm: String },
-    #[error("invalid digest {input:?}: {algorithm} needs {expected} lowercase hex digits, found {found} characters")]
+    #[error(
+        "invalid digest {input:?}: {algorithm} needs {expected} lowercase hex digits, found {found} characters"
+    )]
     BadLength {
         input: String,
         algorithm: &'static str,
@@ -245,8 +249,14 @@ mod tests {
     #[test]
     fn digest_parse_rejects_malformed_values_with_reasons() {
         let cases = [
-            ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "ALGORITHM:HEX"),
-            ("md5:d41d8cd98f00b204e9800998ecf8427e", "unsupported algorithm"),
+            (
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                "ALGORITHM:HEX",
+            ),
+            (
+                "md5:d41d8cd98f00b204e9800998ecf8427e",
+                "unsupported algorithm",
+            ),
             ("sha256:abc", "64 lowercase hex digits, found 3"),
             (
                 "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
@@ -277,9 +287,12 @@ mod tests {
     // (config.md, "rootfs"). The expected chain ID was computed independently
     // with coreutils:
     //   printf '%s %s' sha256:c6f9…bbd1 sha256:5f70…c6ef | sha256sum
-    const SPEC_DIFF_0: &str = "sha256:c6f988f4874bb0add23a778f753c65efe992244e148a1d2ec2a8b664fb66bbd1";
-    const SPEC_DIFF_1: &str = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
-    const SPEC_CHAIN_1: &str = "sha256:c3191d32a37d7159b2e30830937d2e30268ad6c375a773a8994911a3aba9b93f";
+    const SPEC_DIFF_0: &str =
+        "sha256:c6f988f4874bb0add23a778f753c65efe992244e148a1d2ec2a8b664fb66bbd1";
+    const SPEC_DIFF_1: &str =
+        "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+    const SPEC_CHAIN_1: &str =
+        "sha256:c3191d32a37d7159b2e30830937d2e30268ad6c375a773a8994911a3aba9b93f";
 
     #[test]
     fn chain_id_of_a_base_layer_is_its_diff_id() {

@@ -33,8 +33,13 @@ impl fmt::Display for FormatVersion {
 impl FromStr for FormatVersion {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (major, minor) = s.split_once('.').ok_or_else(|| format!("format version {s:?} is not MAJOR.MINOR"))?;
-        let num = |p: &str| p.parse::<u32>().map_err(|_| format!("format version {s:?} is not MAJOR.MINOR"));
+        let (major, minor) = s
+            .split_once('.')
+            .ok_or_else(|| format!("format version {s:?} is not MAJOR.MINOR"))?;
+        let num = |p: &str| {
+            p.parse::<u32>()
+                .map_err(|_| format!("format version {s:?} is not MAJOR.MINOR"))
+        };
         Ok(FormatVersion {
             major: num(major)?,
             minor: num(minor)?,
@@ -50,7 +55,9 @@ impl Serialize for FormatVersion {
 
 impl<'de> Deserialize<'de> for FormatVersion {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -66,7 +73,10 @@ pub enum ManifestError {
         "seed manifest format {found} is not supported by this coral (it reads {supported}.x): \
          use a coral release that supports format {found}, or rebuild the volume"
     )]
-    UnsupportedVersion { found: FormatVersion, supported: u32 },
+    UnsupportedVersion {
+        found: FormatVersion,
+        supported: u32,
+    },
     #[error("seed manifest is inconsistent: {0}")]
     Inconsistent(String),
 }
@@ -146,9 +156,15 @@ pub struct SeedManifest {
 /// image, independent of order. Two builds with the same seed key hold the
 /// same images, so a controller can tell whether a snapshot is current
 /// without building anything.
-pub fn seed_key<'a>(platforms: &[Platform], images: impl IntoIterator<Item = (&'a Reference, &'a Digest)>) -> Digest {
+pub fn seed_key<'a>(
+    platforms: &[Platform],
+    images: impl IntoIterator<Item = (&'a Reference, &'a Digest)>,
+) -> Digest {
     let platforms: BTreeSet<String> = platforms.iter().map(|p| p.to_string()).collect();
-    let images: BTreeSet<String> = images.into_iter().map(|(r, d)| format!("{r} {d}")).collect();
+    let images: BTreeSet<String> = images
+        .into_iter()
+        .map(|(r, d)| format!("{r} {d}"))
+        .collect();
     let mut text = format!("coral-seed-key/v{}\n", FORMAT_VERSION.major);
     for p in &platforms {
         text.push_str(&format!("platform {p}\n"));
@@ -164,7 +180,8 @@ impl SeedManifest {
     /// (a newer format may change the meaning of fields that still parse),
     /// then checks that it is internally consistent.
     pub fn from_json(bytes: &[u8]) -> Result<SeedManifest, ManifestError> {
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
         let version = value
             .get("formatVersion")
             .ok_or(ManifestError::MissingVersion)?
@@ -218,16 +235,26 @@ impl SeedManifest {
                     ));
                 }
             }
-            if image.name.digest().is_some_and(|d| d != &image.resolved_digest) {
+            if image
+                .name
+                .digest()
+                .is_some_and(|d| d != &image.resolved_digest)
+            {
                 return bad(format!(
                     "image {} was pinned to a digest but resolved to {}",
                     image.reference, image.resolved_digest
                 ));
             }
         }
-        let key = seed_key(&self.platforms, self.images.iter().map(|i| (&i.name, &i.resolved_digest)));
+        let key = seed_key(
+            &self.platforms,
+            self.images.iter().map(|i| (&i.name, &i.resolved_digest)),
+        );
         if key != self.seed_key {
-            return bad(format!("seed key {} does not match its images (they give {key})", self.seed_key));
+            return bad(format!(
+                "seed key {} does not match its images (they give {key})",
+                self.seed_key
+            ));
         }
         let layers = self.layers();
         let unpacked: u64 = layers.values().map(|l| l.unpacked_size).sum();
@@ -331,18 +358,26 @@ mod tests {
         // Even a manifest whose other fields no longer parse must be refused
         // for its version, not for a confusing field error.
         v["images"] = "changed in v2".into();
-        let err = SeedManifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+        let err = SeedManifest::from_json(&serde_json::to_vec(&v).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("format 2.0 is not supported"), "{err}");
         assert!(err.contains("1.x"), "{err}");
     }
 
     #[test]
     fn missing_or_malformed_version_is_refused() {
-        let err = SeedManifest::from_json(b"{\"images\": []}").unwrap_err().to_string();
+        let err = SeedManifest::from_json(b"{\"images\": []}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a coral seed manifest"), "{err}");
-        let err = SeedManifest::from_json(b"{\"formatVersion\": \"one\"}").unwrap_err().to_string();
+        let err = SeedManifest::from_json(b"{\"formatVersion\": \"one\"}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("MAJOR.MINOR"), "{err}");
-        let err = SeedManifest::from_json(b"not json").unwrap_err().to_string();
+        let err = SeedManifest::from_json(b"not json")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not valid JSON"), "{err}");
     }
 
@@ -350,7 +385,9 @@ mod tests {
     fn wrong_chain_id_is_refused() {
         let mut m = sample();
         m.images[0].layers[1].chain_id = ChainId::new(d(99));
-        let err = SeedManifest::from_json(&m.to_json()).unwrap_err().to_string();
+        let err = SeedManifest::from_json(&m.to_json())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("has chain ID"), "{err}");
     }
 
@@ -363,16 +400,32 @@ mod tests {
         let k2 = seed_key(&p, [(&b, &d(2)), (&a, &d(1))]);
         assert_eq!(k1, k2);
         assert_ne!(k1, seed_key(&p, [(&a, &d(1)), (&b, &d(3))]));
-        assert_ne!(k1, seed_key(&[Platform::new("linux", "s390x", None)], [(&a, &d(1)), (&b, &d(2))]));
+        assert_ne!(
+            k1,
+            seed_key(
+                &[Platform::new("linux", "s390x", None)],
+                [(&a, &d(1)), (&b, &d(2))]
+            )
+        );
     }
 
     #[test]
     fn tampered_seed_key_or_totals_are_refused() {
         let mut m = sample();
         m.seed_key = d(7);
-        assert!(SeedManifest::from_json(&m.to_json()).unwrap_err().to_string().contains("seed key"));
+        assert!(
+            SeedManifest::from_json(&m.to_json())
+                .unwrap_err()
+                .to_string()
+                .contains("seed key")
+        );
         let mut m = sample();
         m.totals.layers = 5;
-        assert!(SeedManifest::from_json(&m.to_json()).unwrap_err().to_string().contains("totals"));
+        assert!(
+            SeedManifest::from_json(&m.to_json())
+                .unwrap_err()
+                .to_string()
+                .contains("totals")
+        );
     }
 }

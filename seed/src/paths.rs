@@ -49,7 +49,9 @@ impl SeedLayout {
     }
     /// `.coral/blobs/<algorithm>/<hex>`.
     pub fn blob(&self, digest: &Digest) -> PathBuf {
-        self.blobs_dir().join(digest.algorithm().as_str()).join(digest.hex())
+        self.blobs_dir()
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
     }
     /// `.coral/layers/`.
     pub fn layers_dir(&self) -> PathBuf {
@@ -79,11 +81,15 @@ mod tests {
             .unwrap();
         assert_eq!(
             l.blob(&d),
-            Path::new("/mnt/seed/.coral/blobs/sha256/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            Path::new(
+                "/mnt/seed/.coral/blobs/sha256/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            )
         );
         assert_eq!(
             l.layer(&ChainId::new(d.clone())),
-            Path::new("/mnt/seed/.coral/layers/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            Path::new(
+                "/mnt/seed/.coral/layers/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            )
         );
         assert_eq!(l.manifest(), Path::new("/mnt/seed/.coral/manifest.json"));
         assert_eq!(l.index(), Path::new("/mnt/seed/.coral/index.json"));

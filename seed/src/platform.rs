@@ -25,19 +25,60 @@ pub struct Platform {
 }
 
 const KNOWN_OS: &[&str] = &[
-    "aix", "android", "darwin", "dragonfly", "freebsd", "hurd", "illumos", "ios", "js", "linux",
-    "nacl", "netbsd", "openbsd", "plan9", "solaris", "windows", "zos", "wasip1",
+    "aix",
+    "android",
+    "darwin",
+    "dragonfly",
+    "freebsd",
+    "hurd",
+    "illumos",
+    "ios",
+    "js",
+    "linux",
+    "nacl",
+    "netbsd",
+    "openbsd",
+    "plan9",
+    "solaris",
+    "windows",
+    "zos",
+    "wasip1",
 ];
 
 const KNOWN_ARCH: &[&str] = &[
-    "386", "amd64", "amd64p32", "arm", "armbe", "arm64", "arm64be", "ppc64", "ppc64le",
-    "loong64", "mips", "mipsle", "mips64", "mips64le", "mips64p32", "mips64p32le", "ppc",
-    "riscv", "riscv64", "s390", "s390x", "sparc", "sparc64", "wasm",
+    "386",
+    "amd64",
+    "amd64p32",
+    "arm",
+    "armbe",
+    "arm64",
+    "arm64be",
+    "ppc64",
+    "ppc64le",
+    "loong64",
+    "mips",
+    "mipsle",
+    "mips64",
+    "mips64le",
+    "mips64p32",
+    "mips64p32le",
+    "ppc",
+    "riscv",
+    "riscv64",
+    "s390",
+    "s390x",
+    "sparc",
+    "sparc64",
+    "wasm",
 ];
 
 fn normalize_os(os: &str) -> String {
     let os = os.to_ascii_lowercase();
-    if os == "macos" { "darwin".to_owned() } else { os }
+    if os == "macos" {
+        "darwin".to_owned()
+    } else {
+        os
+    }
 }
 
 /// Returns the normalised (architecture, variant) pair, as containerd's
@@ -47,7 +88,14 @@ fn normalize_arch(arch: &str, variant: &str) -> (String, Option<String>) {
     let variant = variant.to_ascii_lowercase();
     let (a, v): (&str, String) = match arch.as_str() {
         "i386" => ("386", String::new()),
-        "x86_64" | "x86-64" | "amd64" => ("amd64", if variant == "v1" { String::new() } else { variant }),
+        "x86_64" | "x86-64" | "amd64" => (
+            "amd64",
+            if variant == "v1" {
+                String::new()
+            } else {
+                variant
+            },
+        ),
         "aarch64" | "arm64" => (
             "arm64",
             match variant.as_str() {
@@ -106,7 +154,10 @@ impl Platform {
             architecture: arch.to_owned(),
             variant,
         };
-        let level = |v: Option<&str>| v.and_then(|v| v.strip_prefix('v')).and_then(|n| n.parse::<u32>().ok());
+        let level = |v: Option<&str>| {
+            v.and_then(|v| v.strip_prefix('v'))
+                .and_then(|n| n.parse::<u32>().ok())
+        };
         let mut out = vec![self.clone()];
         match self.architecture.as_str() {
             "amd64" => {
@@ -253,8 +304,20 @@ mod tests {
 
     #[test]
     fn rejects_malformed_and_unknown_platforms() {
-        for bad in ["", "/", "linux/", "linux//v7", "linux/amd64/v1/x", "plan10/amd64", "linux/z80", "frobnicate"] {
-            assert!(bad.parse::<Platform>().is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "/",
+            "linux/",
+            "linux//v7",
+            "linux/amd64/v1/x",
+            "plan10/amd64",
+            "linux/z80",
+            "frobnicate",
+        ] {
+            assert!(
+                bad.parse::<Platform>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         let err = "linux/z80".parse::<Platform>().unwrap_err().to_string();
         assert!(err.contains("\"z80\""), "{err}");

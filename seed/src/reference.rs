@@ -32,7 +32,9 @@ pub enum ReferenceError {
     Uppercase { input: String, repository: String },
     #[error("invalid image reference {input:?}: repository name is longer than 255 characters")]
     NameTooLong { input: String },
-    #[error("invalid image reference {input:?}: cannot specify a 64-character hexadecimal image ID as a repository name")]
+    #[error(
+        "invalid image reference {input:?}: cannot specify a 64-character hexadecimal image ID as a repository name"
+    )]
     HexIdentifier { input: String },
     #[error("invalid image reference {input:?}: {source}")]
     Digest {
@@ -60,7 +62,11 @@ impl Reference {
     }
     /// The host to speak the registry API to (`docker.io` is served elsewhere).
     pub fn registry_api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB { DOCKER_HUB_API_HOST } else { &self.registry }
+        if self.registry == DOCKER_HUB {
+            DOCKER_HUB_API_HOST
+        } else {
+            &self.registry
+        }
     }
     /// The repository path, e.g. `library/ubuntu`.
     pub fn repository(&self) -> &str {
@@ -172,19 +178,30 @@ impl FromStr for Reference {
         if input.is_empty() {
             return Err(ReferenceError::Empty);
         }
-        if input.len() == 64 && input.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(ReferenceError::HexIdentifier { input: input.to_owned() });
+        if input.len() == 64
+            && input
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(ReferenceError::HexIdentifier {
+                input: input.to_owned(),
+            });
         }
         if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format_err(input, "contains whitespace or control characters"));
+            return Err(format_err(
+                input,
+                "contains whitespace or control characters",
+            ));
         }
 
         let (rest, digest) = match input.split_once('@') {
             Some((rest, d)) => {
-                let digest = d.parse::<Digest>().map_err(|source| ReferenceError::Digest {
-                    input: input.to_owned(),
-                    source,
-                })?;
+                let digest = d
+                    .parse::<Digest>()
+                    .map_err(|source| ReferenceError::Digest {
+                        input: input.to_owned(),
+                        source,
+                    })?;
                 (rest, Some(digest))
             }
             None => (input, None),
@@ -198,7 +215,9 @@ impl FromStr for Reference {
                 if !valid_tag(t) {
                     return Err(format_err(
                         input,
-                        format!("invalid tag {t:?} (allowed: letters, digits, '_', '.', '-', up to 128, not starting with '.' or '-')"),
+                        format!(
+                            "invalid tag {t:?} (allowed: letters, digits, '_', '.', '-', up to 128, not starting with '.' or '-')"
+                        ),
                     ));
                 }
                 (&rest[..last_slash + i], Some(t.to_owned()))
@@ -229,7 +248,10 @@ impl FromStr for Reference {
         }
 
         if !valid_domain(&registry) {
-            return Err(format_err(input, format!("invalid registry host {registry:?}")));
+            return Err(format_err(
+                input,
+                format!("invalid registry host {registry:?}"),
+            ));
         }
         if repository.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(ReferenceError::Uppercase {
@@ -246,7 +268,9 @@ impl FromStr for Reference {
             ));
         }
         if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
-            return Err(ReferenceError::NameTooLong { input: input.to_owned() });
+            return Err(ReferenceError::NameTooLong {
+                input: input.to_owned(),
+            });
         }
 
         let tag = match (&tag, &digest) {
@@ -310,15 +334,27 @@ mod tests {
             ("library/ubuntu", "docker.io/library/ubuntu:latest"),
             ("docker.io/ubuntu", "docker.io/library/ubuntu:latest"),
             ("index.docker.io/ubuntu", "docker.io/library/ubuntu:latest"),
-            ("index.docker.io/library/ubuntu:1", "docker.io/library/ubuntu:1"),
+            (
+                "index.docker.io/library/ubuntu:1",
+                "docker.io/library/ubuntu:1",
+            ),
             ("foo/bar", "docker.io/foo/bar:latest"),
-            ("nvcr.io/nvidia/pytorch:24.01-py3", "nvcr.io/nvidia/pytorch:24.01-py3"),
+            (
+                "nvcr.io/nvidia/pytorch:24.01-py3",
+                "nvcr.io/nvidia/pytorch:24.01-py3",
+            ),
             ("localhost/foo", "localhost/foo:latest"),
             ("localhost:5000/foo/bar:v1", "localhost:5000/foo/bar:v1"),
-            ("127.0.0.1:5000/coral/tiny", "127.0.0.1:5000/coral/tiny:latest"),
+            (
+                "127.0.0.1:5000/coral/tiny",
+                "127.0.0.1:5000/coral/tiny:latest",
+            ),
             ("[::1]:5000/foo", "[::1]:5000/foo:latest"),
             ("[2001:db8::1]/foo", "[2001:db8::1]/foo:latest"),
-            ("Registry.Example.COM/foo", "Registry.Example.COM/foo:latest"),
+            (
+                "Registry.Example.COM/foo",
+                "Registry.Example.COM/foo:latest",
+            ),
             (
                 "123456789012.dkr.ecr.us-west-2.amazonaws.com/team/app:2024.1",
                 "123456789012.dkr.ecr.us-west-2.amazonaws.com/team/app:2024.1",
@@ -343,7 +379,10 @@ mod tests {
         assert_eq!(r.repository(), "app");
         assert_eq!(r.tag(), Some("v2"));
         assert_eq!(r.to_string(), format!("localhost:5000/app:v2@{D}"));
-        assert_eq!(r.with_digest(D.parse().unwrap()).to_string(), format!("localhost:5000/app@{D}"));
+        assert_eq!(
+            r.with_digest(D.parse().unwrap()).to_string(),
+            format!("localhost:5000/app@{D}")
+        );
     }
 
     #[test]
@@ -375,7 +414,10 @@ mod tests {
             ("foo___bar", "invalid repository path component"),
             ("foo.-bar", "invalid repository path component"),
             ("ubuntu@sha256:abc", "64 lowercase hex"),
-            ("ubuntu@md5:d41d8cd98f00b204e9800998ecf8427e", "unsupported algorithm"),
+            (
+                "ubuntu@md5:d41d8cd98f00b204e9800998ecf8427e",
+                "unsupported algorithm",
+            ),
             ("ubuntu@", "ALGORITHM:HEX"),
             ("localhost:port/foo", "invalid registry host"),
             ("-bad.com/foo", "invalid registry host"),
@@ -396,14 +438,24 @@ mod tests {
             assert!(err.contains(needle), "{input:?}: {err}");
         }
         let tag = format!("ubuntu:{}", "t".repeat(129));
-        assert!(tag.parse::<Reference>().is_err(), "a 129-character tag is too long");
+        assert!(
+            tag.parse::<Reference>().is_err(),
+            "a 129-character tag is too long"
+        );
         let tag = format!("ubuntu:{}", "t".repeat(128));
-        assert!(tag.parse::<Reference>().is_ok(), "128 characters is the limit, inclusive");
+        assert!(
+            tag.parse::<Reference>().is_ok(),
+            "128 characters is the limit, inclusive"
+        );
     }
 
     #[test]
     fn round_trips_through_its_display_form_and_json() {
-        for s in ["ubuntu", "localhost:5000/a/b:c", &format!("quay.io/x/y:t@{D}")] {
+        for s in [
+            "ubuntu",
+            "localhost:5000/a/b:c",
+            &format!("quay.io/x/y:t@{D}"),
+        ] {
             let r: Reference = s.parse().unwrap();
             let again: Reference = r.to_string().parse().unwrap();
             assert_eq!(r, again);

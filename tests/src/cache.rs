@@ -19,7 +19,10 @@ pub fn cache_dir() -> PathBuf {
 
 /// The repository checkout (for scripts and fixture recipes).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// An exclusive advisory lock held until dropped. Test processes run in
@@ -43,7 +46,8 @@ impl FileLock {
         // SAFETY: flock on a descriptor we own; blocks until the lock is free.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
         }
         Ok(FileLock { _file: file })
     }

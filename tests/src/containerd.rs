@@ -43,7 +43,13 @@ impl ContainerdBuild {
         let version = out
             .split_whitespace()
             .nth(2)
-            .map(|v| v.trim_start_matches('v').split(['~', '+']).next().unwrap_or(v).to_owned())
+            .map(|v| {
+                v.trim_start_matches('v')
+                    .split(['~', '+'])
+                    .next()
+                    .unwrap_or(v)
+                    .to_owned()
+            })
             .with_context(|| format!("unexpected `containerd --version` output: {out}"))?;
         Ok(ContainerdBuild {
             version,
@@ -53,11 +59,19 @@ impl ContainerdBuild {
 
     /// `1.6`, `1.7`, `2.1`.
     pub fn minor(&self) -> String {
-        self.version.split('.').take(2).collect::<Vec<_>>().join(".")
+        self.version
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(".")
     }
 
     pub fn major(&self) -> u32 {
-        self.version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(1)
+        self.version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(1)
     }
 }
 
@@ -79,7 +93,10 @@ pub fn available() -> Result<Vec<ContainerdBuild>> {
     builds.dedup_by(|a, b| a.version == b.version);
     if let Ok(expect) = std::env::var("CORAL_EXPECT_CONTAINERD") {
         for want in expect.split(',').map(str::trim).filter(|w| !w.is_empty()) {
-            if !builds.iter().any(|b| b.minor() == want || b.version == want) {
+            if !builds
+                .iter()
+                .any(|b| b.minor() == want || b.version == want)
+            {
                 bail!(
                     "containerd {want} was expected (CORAL_EXPECT_CONTAINERD={expect}) but is not installed; \
                      found {:?}. Run scripts/setup.",
@@ -95,7 +112,9 @@ pub fn available() -> Result<Vec<ContainerdBuild>> {
 }
 
 fn version_key(v: &str) -> Vec<u32> {
-    v.split(['.', '-', '~']).filter_map(|p| p.parse().ok()).collect()
+    v.split(['.', '-', '~'])
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 pub struct Containerd {
@@ -133,7 +152,11 @@ impl Containerd {
         for r in registries {
             write_hosts_toml(&certs, r)?;
         }
-        let template = if build.major() >= 2 { CONFIG_V3 } else { CONFIG_V2 };
+        let template = if build.major() >= 2 {
+            CONFIG_V3
+        } else {
+            CONFIG_V2
+        };
         let config = template
             .replace("{root}", &root.display().to_string())
             .replace("{state}", &state.display().to_string())
@@ -170,7 +193,8 @@ impl Containerd {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(last.expect("tried")).with_context(|| format!("containerd did not answer; log:\n{}", me.service.log_tail()))
+        Err(last.expect("tried"))
+            .with_context(|| format!("containerd did not answer; log:\n{}", me.service.log_tail()))
     }
 
     pub fn address(&self) -> &Path {
@@ -189,7 +213,9 @@ impl Containerd {
 
     /// The daemon's version, over gRPC.
     pub async fn version(&self) -> Result<String> {
-        let mut client = containerd_client::services::v1::version_client::VersionClient::new(self.channel().await?);
+        let mut client = containerd_client::services::v1::version_client::VersionClient::new(
+            self.channel().await?,
+        );
         let v = client.version(()).await?.into_inner();
         Ok(v.version)
     }
@@ -233,7 +259,9 @@ fn write_hosts_toml(certs: &Path, registry: &Registry) -> Result<()> {
 
 /// Lazily unmounts everything mounted at or below `dir`, deepest first.
 pub fn unmount_below(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let mut points: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

@@ -62,8 +62,12 @@ impl Corpus {
         let dir = cache_dir().join("fixtures/corpus");
         {
             let _lock = FileLock::acquire(&cache_dir().join("locks/fixtures"))?;
-            run(Command::new(repo_root().join("tests/fixtures/build-corpus")).arg("--out").arg(&dir))
-                .context("building the fixture corpus")?;
+            run(
+                Command::new(repo_root().join("tests/fixtures/build-corpus"))
+                    .arg("--out")
+                    .arg(&dir),
+            )
+            .context("building the fixture corpus")?;
         }
         let text = std::fs::read(dir.join("corpus.json")).context("reading corpus.json")?;
         let file: CorpusFile = serde_json::from_slice(&text).context("parsing corpus.json")?;

@@ -20,7 +20,10 @@ impl Moto {
     pub fn start() -> Result<Moto> {
         let bin = cache_dir().join("venv/bin/moto_server");
         if !bin.exists() {
-            bail!("{} is missing: run scripts/setup (it installs moto into a venv)", bin.display());
+            bail!(
+                "{} is missing: run scripts/setup (it installs moto into a venv)",
+                bin.display()
+            );
         }
         let dir = tempfile::Builder::new().prefix("coral-moto-").tempdir()?;
         let mut last_err = None;

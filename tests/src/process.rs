@@ -66,7 +66,11 @@ impl Service {
     /// Fails if the process has already exited.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited with {status} during start-up; log:\n{}", self.name, self.log_tail());
+            bail!(
+                "{} exited with {status} during start-up; log:\n{}",
+                self.name,
+                self.log_tail()
+            );
         }
         Ok(())
     }
@@ -80,7 +84,11 @@ impl Service {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} did not become ready within {timeout:?}; log:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} did not become ready within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -107,7 +115,8 @@ impl Drop for Service {
 /// A free TCP port on 127.0.0.1. Another process could take it before the
 /// caller binds it; services that fail to bind are retried by their starters.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
+    let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        .context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
@@ -140,15 +149,24 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 /// Kills every process whose command line mentions `needle` (for daemons
 /// that detach from their parent, such as containerd's runc shims).
 pub fn kill_processes_mentioning(needle: &str) {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
     let me = std::process::id();
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if pid as u32 == me {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
-        if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+        {
             // SAFETY: a plain kill(2).
             unsafe {
                 libc::kill(pid, libc::SIGKILL);

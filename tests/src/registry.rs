@@ -34,7 +34,9 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(options: RegistryOptions) -> Result<Registry> {
-        let dir = tempfile::Builder::new().prefix("coral-registry-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("coral-registry-")
+            .tempdir()?;
         let storage = match &options.storage {
             Some(s) => s.clone(),
             None => dir.path().join("storage"),
@@ -45,7 +47,11 @@ impl Registry {
         let mut ca_cert = None;
         if options.tls {
             let (cert, key, ca) = make_certificates(dir.path())?;
-            tls_yaml = format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
+            tls_yaml = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
             ca_cert = Some(ca);
         }
         let mut auth_yaml = String::new();
@@ -54,7 +60,10 @@ impl Registry {
                 .context("creating an htpasswd entry (is apache2-utils installed?)")?;
             let htpasswd = dir.path().join("htpasswd");
             std::fs::write(&htpasswd, line.trim_end())?;
-            auth_yaml = format!("auth:\n  htpasswd:\n    realm: coral-test\n    path: {}\n", htpasswd.display());
+            auth_yaml = format!(
+                "auth:\n  htpasswd:\n    realm: coral-test\n    path: {}\n",
+                htpasswd.display()
+            );
         }
 
         // A port picked here can be taken before the registry binds it: retry.
@@ -75,7 +84,8 @@ impl Registry {
             )?;
             let mut cmd = Command::new("docker-registry");
             cmd.arg("serve").arg(&config);
-            let mut service = Service::spawn("docker-registry", cmd, &dir.path().join("registry.log"))?;
+            let mut service =
+                Service::spawn("docker-registry", cmd, &dir.path().join("registry.log"))?;
             match service.wait_until(Duration::from_secs(20), || port_open(port)) {
                 Ok(()) => {
                     return Ok(Registry {
@@ -113,7 +123,10 @@ impl Registry {
     }
 
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.options.auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.options
+            .auth
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -131,7 +144,9 @@ impl Registry {
 
     /// The repositories the registry lists at `/v2/_catalog`.
     pub async fn catalog(&self) -> Result<Vec<String>> {
-        let mut req = self.http_client()?.get(format!("{}/v2/_catalog?n=1000", self.url()));
+        let mut req = self
+            .http_client()?
+            .get(format!("{}/v2/_catalog?n=1000", self.url()));
         if let Some((u, p)) = self.credentials() {
             req = req.basic_auth(u, Some(p));
         }
@@ -139,7 +154,11 @@ impl Registry {
         let v: serde_json::Value = resp.json().await?;
         Ok(v["repositories"]
             .as_array()
-            .map(|a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -162,7 +181,13 @@ fn make_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let csr = dir.join("server.csr");
     let cert = dir.join("cert.pem");
     let ext = dir.join("server.ext");
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     run(Command::new("openssl")
         .args(["req", "-x509"])
         .args(ec)

@@ -19,7 +19,11 @@ async fn containerd_answers_its_version_over_grpc_for_each_installed_version() -
     for b in &builds {
         let c = Containerd::start(b, &[]).await?;
         let v = c.version().await?;
-        println!("containerd {} ({}) answered gRPC Version: {v}", b.version, b.bin_dir.display());
+        println!(
+            "containerd {} ({}) answered gRPC Version: {v}",
+            b.version,
+            b.bin_dir.display()
+        );
         ensure!(
             v.trim_start_matches('v').starts_with(&b.minor()),
             "containerd {} reported version {v}",
@@ -28,7 +32,11 @@ async fn containerd_answers_its_version_over_grpc_for_each_installed_version() -
     }
     println!(
         "ran against containerd {}",
-        builds.iter().map(|b| b.version.as_str()).collect::<Vec<_>>().join(", ")
+        builds
+            .iter()
+            .map(|b| b.version.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
@@ -41,7 +49,13 @@ async fn cri_image_fs_info_answers_on_the_containerd_socket() -> Result<()> {
         let info = images
             .image_fs_info(criv1::ImageFsInfoRequest {})
             .await
-            .with_context(|| format!("CRI ImageFsInfo on containerd {}; log:\n{}", b.version, c.log_tail()))?
+            .with_context(|| {
+                format!(
+                    "CRI ImageFsInfo on containerd {}; log:\n{}",
+                    b.version,
+                    c.log_tail()
+                )
+            })?
             .into_inner();
         let mounts: Vec<String> = info
             .image_filesystems
@@ -50,7 +64,9 @@ async fn cri_image_fs_info_answers_on_the_containerd_socket() -> Result<()> {
             .collect();
         println!("containerd {}: CRI image filesystems {mounts:?}", b.version);
         ensure!(
-            mounts.iter().any(|m| m.starts_with(&c.root().display().to_string())),
+            mounts
+                .iter()
+                .any(|m| m.starts_with(&c.root().display().to_string())),
             "containerd {}: CRI reports image filesystems {mounts:?}, none under its private root {}",
             b.version,
             c.root().display()
@@ -66,7 +82,10 @@ async fn registry_catalog_lists_every_fixture_repository() -> Result<()> {
     let catalog = reg.catalog().await?;
     for image in &corpus.images {
         let repo = Corpus::repository(&image.name);
-        ensure!(catalog.contains(&repo), "{repo} missing from catalog {catalog:?}");
+        ensure!(
+            catalog.contains(&repo),
+            "{repo} missing from catalog {catalog:?}"
+        );
     }
     Ok(())
 }
@@ -83,13 +102,26 @@ async fn registry_with_tls_and_basic_auth_refuses_anonymous_and_untrusted_client
 
     // With the right credentials and the registry's CA: the corpus is there.
     let catalog = reg.catalog().await?;
-    ensure!(catalog.contains(&Corpus::repository("tiny")), "catalog {catalog:?}");
+    ensure!(
+        catalog.contains(&Corpus::repository("tiny")),
+        "catalog {catalog:?}"
+    );
 
     // Anonymous: 401 with a Basic challenge.
-    let anon = reg.http_client()?.get(format!("{}/v2/", reg.url())).send().await?;
+    let anon = reg
+        .http_client()?
+        .get(format!("{}/v2/", reg.url()))
+        .send()
+        .await?;
     assert_eq!(anon.status(), reqwest::StatusCode::UNAUTHORIZED);
-    let challenge = anon.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("").to_owned());
-    assert!(challenge.as_deref().unwrap_or("").starts_with("Basic"), "{challenge:?}");
+    let challenge = anon
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    assert!(
+        challenge.as_deref().unwrap_or("").starts_with("Basic"),
+        "{challenge:?}"
+    );
 
     // Wrong password: 401 too.
     let wrong = reg
@@ -107,13 +139,22 @@ async fn registry_with_tls_and_basic_auth_refuses_anonymous_and_untrusted_client
         .get(format!("{}/v2/", reg.url()))
         .send()
         .await;
-    assert!(untrusted.is_err(), "TLS with an untrusted certificate must fail: {untrusted:?}");
+    assert!(
+        untrusted.is_err(),
+        "TLS with an untrusted certificate must fail: {untrusted:?}"
+    );
 
     // skopeo (an independent client) reads an image with the same credentials and CA.
     let certs = tempfile::tempdir()?;
     std::fs::copy(reg.ca_cert().expect("tls"), certs.path().join("ca.crt"))?;
     let out = run(std::process::Command::new("skopeo")
-        .args(["inspect", "--raw", "--creds", "coral:s3cret-pass", "--cert-dir"])
+        .args([
+            "inspect",
+            "--raw",
+            "--creds",
+            "coral:s3cret-pass",
+            "--cert-dir",
+        ])
         .arg(certs.path())
         .arg(format!("docker://{}/coral/tiny:latest", reg.host())))?;
     ensure!(out.contains("schemaVersion"), "skopeo read: {out}");
@@ -170,7 +211,13 @@ async fn every_fixture_image_is_pulled_by_containerd_and_runnable_ones_run() -> 
                     ..Default::default()
                 })
                 .await
-                .with_context(|| format!("containerd {}: CRI PullImage {reference}; log:\n{}", b.version, c.log_tail()))?
+                .with_context(|| {
+                    format!(
+                        "containerd {}: CRI PullImage {reference}; log:\n{}",
+                        b.version,
+                        c.log_tail()
+                    )
+                })?
                 .into_inner();
             let status = images
                 .image_status(criv1::ImageStatusRequest {
@@ -184,7 +231,12 @@ async fn every_fixture_image_is_pulled_by_containerd_and_runnable_ones_run() -> 
                 .into_inner()
                 .image
                 .with_context(|| format!("{reference} not found after pull"))?;
-            let want_digest = format!("{}/{}@{}", reg.host(), Corpus::repository(&image.name), image.digest);
+            let want_digest = format!(
+                "{}/{}@{}",
+                reg.host(),
+                Corpus::repository(&image.name),
+                image.digest
+            );
             ensure!(
                 status.repo_digests.contains(&want_digest),
                 "containerd {}: {reference} has repo digests {:?}, expected {want_digest}",
@@ -201,10 +253,18 @@ async fn every_fixture_image_is_pulled_by_containerd_and_runnable_ones_run() -> 
                     .arg(&id)
                     .args(&check.argv))
                 .with_context(|| format!("containerd {}: running {reference}", b.version))?;
-                assert_eq!(out, check.stdout, "containerd {}: output of {reference}", b.version);
+                assert_eq!(
+                    out, check.stdout,
+                    "containerd {}: output of {reference}",
+                    b.version
+                );
             }
         }
-        println!("containerd {}: pulled {} fixture images", b.version, corpus.images.len());
+        println!(
+            "containerd {}: pulled {} fixture images",
+            b.version,
+            corpus.images.len()
+        );
     }
     Ok(())
 }

@@ -11,9 +11,16 @@ use coral_tests::process::run;
 #[test]
 fn node_mounter_links_neither_the_aws_sdk_nor_kube() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let tree = run(Command::new(cargo)
-        .current_dir(repo_root())
-        .args(["tree", "--offline", "-p", "coral-node-mounter", "-e", "normal,build", "--prefix", "none"]))?;
+    let tree = run(Command::new(cargo).current_dir(repo_root()).args([
+        "tree",
+        "--offline",
+        "-p",
+        "coral-node-mounter",
+        "-e",
+        "normal,build",
+        "--prefix",
+        "none",
+    ]))?;
     let forbidden: Vec<&str> = tree
         .lines()
         .filter(|l| {
@@ -21,7 +28,13 @@ fn node_mounter_links_neither_the_aws_sdk_nor_kube() -> Result<()> {
             name.starts_with("aws-") || name.starts_with("kube") || name == "k8s-openapi"
         })
         .collect();
-    ensure!(tree.contains("coral-seed"), "unexpected cargo tree output:\n{tree}");
-    ensure!(forbidden.is_empty(), "coral-node-mounter depends on {forbidden:?}");
+    ensure!(
+        tree.contains("coral-seed"),
+        "unexpected cargo tree output:\n{tree}"
+    );
+    ensure!(
+        forbidden.is_empty(),
+        "coral-node-mounter depends on {forbidden:?}"
+    );
     Ok(())
 }

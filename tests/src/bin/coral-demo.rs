@@ -23,7 +23,12 @@ async fn main() -> Result<()> {
     step("fixture corpus (built once without Docker, cached)");
     let corpus = Corpus::get()?;
     for i in &corpus.images {
-        println!("  {:<22} {}  {}", i.name, &i.digest[..19], i.platforms.join(","));
+        println!(
+            "  {:<22} {}  {}",
+            i.name,
+            &i.digest[..19],
+            i.platforms.join(",")
+        );
     }
 
     step("local OCI registry (docker-registry on 127.0.0.1) serving the corpus");
@@ -34,9 +39,16 @@ async fn main() -> Result<()> {
         .into_iter()
         .next()
         .context("no containerd installed")?;
-    step(&format!("a fresh node: containerd {} with an empty private root", build.version));
+    step(&format!(
+        "a fresh node: containerd {} with an empty private root",
+        build.version
+    ));
     let c = Containerd::start(&build, &[&reg]).await?;
-    println!("  containerd answers on {} (version {})", c.address().display(), c.version().await?);
+    println!(
+        "  containerd answers on {} (version {})",
+        c.address().display(),
+        c.version().await?
+    );
 
     step("baseline: CRI pull of every runnable image, then start a container");
     let started = Instant::now();
@@ -71,9 +83,19 @@ async fn main() -> Result<()> {
     step("timings");
     println!("  {:<28} {:>10}", "step", "seconds");
     for (name, d) in &rows {
-        println!("  {:<28} {:>10.2}", format!("CRI pull {name}"), d.as_secs_f64());
+        println!(
+            "  {:<28} {:>10.2}",
+            format!("CRI pull {name}"),
+            d.as_secs_f64()
+        );
     }
-    println!("  {:<28} {:>10.2}", "pulls + first container", total.as_secs_f64());
-    println!("\nThe seed-volume path (coral-builder + coral-node-mounter) is not in this demo yet.");
+    println!(
+        "  {:<28} {:>10.2}",
+        "pulls + first container",
+        total.as_secs_f64()
+    );
+    println!(
+        "\nThe seed-volume path (coral-builder + coral-node-mounter) is not in this demo yet."
+    );
     Ok(())
 }
