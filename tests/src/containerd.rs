@@ -89,7 +89,7 @@ pub fn available() -> Result<Vec<ContainerdBuild>> {
             }
         }
     }
-    builds.sort_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)));
+    builds.sort_by_key(|b| version_key(&b.version));
     builds.dedup_by(|a, b| a.version == b.version);
     if let Ok(expect) = std::env::var("CORAL_EXPECT_CONTAINERD") {
         for want in expect.split(',').map(str::trim).filter(|w| !w.is_empty()) {
