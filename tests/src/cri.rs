@@ -20,3 +20,18 @@ pub async fn runtime_service(socket: &Path) -> Result<RuntimeServiceClient<Chann
         .with_context(|| format!("connecting to CRI at {}", socket.display()))?;
     Ok(RuntimeServiceClient::new(channel))
 }
+
+/// Pulls `reference` through CRI, as kubelet would; returns the image ref CRI reports.
+pub async fn pull(images: &mut ImageServiceClient<Channel>, reference: &str) -> Result<String> {
+    let resp = images
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: reference.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("CRI PullImage {reference}"))?;
+    Ok(resp.into_inner().image_ref)
+}

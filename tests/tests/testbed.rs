@@ -202,27 +202,13 @@ async fn every_fixture_image_is_pulled_by_containerd_and_runnable_ones_run() -> 
         let mut images = cri::image_service(c.address()).await?;
         for image in &corpus.images {
             let reference = format!("{}/{}:latest", reg.host(), Corpus::repository(&image.name));
-            let pulled = images
-                .pull_image(criv1::PullImageRequest {
-                    image: Some(criv1::ImageSpec {
-                        image: reference.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+            let image_ref = cri::pull(&mut images, &reference)
                 .await
-                .with_context(|| {
-                    format!(
-                        "containerd {}: CRI PullImage {reference}; log:\n{}",
-                        b.version,
-                        c.log_tail()
-                    )
-                })?
-                .into_inner();
+                .with_context(|| format!("containerd {}; log:\n{}", b.version, c.log_tail()))?;
             let status = images
                 .image_status(criv1::ImageStatusRequest {
                     image: Some(criv1::ImageSpec {
-                        image: pulled.image_ref.clone(),
+                        image: image_ref.clone(),
                         ..Default::default()
                     }),
                     verbose: false,

@@ -12,7 +12,6 @@ use coral_tests::containerd::{self, Containerd};
 use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::process::run;
-use k8s_cri::v1 as criv1;
 
 fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
@@ -57,16 +56,7 @@ async fn main() -> Result<()> {
     for image in corpus.images.iter().filter(|i| i.run.is_some()) {
         let reference = format!("{}/{}:latest", reg.host(), Corpus::repository(&image.name));
         let t = Instant::now();
-        images
-            .pull_image(criv1::PullImageRequest {
-                image: Some(criv1::ImageSpec {
-                    image: reference.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("pulling {reference}"))?;
+        cri::pull(&mut images, &reference).await?;
         rows.push((image.name.clone(), t.elapsed()));
         println!("  pulled {reference} in {:.2?}", t.elapsed());
     }
