@@ -2,7 +2,7 @@
 //! `tests/fixtures/build-corpus` (a Debian minbase rootfs, a multi-layer image
 //! full of edge cases in gzip, zstd and uncompressed form, a multi-platform
 //! index, a tiny image), cached by recipe hash, and a registry storage
-//! directory with all of it pushed, so a test gets a serving registry in
+//! directory with all of it pushed (cached by content hash), so a test gets a serving registry in
 //! well under a second.
 
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 
 use crate::cache::{FileLock, cache_dir, repo_root};
 use crate::process::run;
@@ -48,6 +49,9 @@ struct CorpusFile {
 pub struct Corpus {
     pub dir: PathBuf,
     pub recipe_hash: String,
+    /// SHA-256 of corpus.json: what the corpus holds, not just how it was
+    /// made (the cached debootstrap rootfs can change under the same recipe).
+    pub content_hash: String,
     pub images: Vec<FixtureImage>,
 }
 
@@ -71,9 +75,11 @@ impl Corpus {
         }
         let text = std::fs::read(dir.join("corpus.json")).context("reading corpus.json")?;
         let file: CorpusFile = serde_json::from_slice(&text).context("parsing corpus.json")?;
+        let content_hash = format!("{:x}", Sha256::digest(&text));
         let _ = CORPUS.set(Corpus {
             dir,
             recipe_hash: file.recipe_hash,
+            content_hash,
             images: file.images,
         });
         Ok(CORPUS.get().expect("just set"))
@@ -99,12 +105,12 @@ impl Corpus {
     /// Registry storage with the whole corpus pushed (made once, then shared).
     pub fn registry_storage(&self) -> Result<PathBuf> {
         let root = cache_dir().join("registry-corpus");
-        let done = root.join(&self.recipe_hash);
+        let done = root.join(&self.content_hash);
         let _lock = FileLock::acquire(&cache_dir().join("locks/registry-corpus"))?;
         if done.exists() {
             return Ok(done);
         }
-        let tmp = root.join(format!("{}.tmp", self.recipe_hash));
+        let tmp = root.join(format!("{}.tmp", self.content_hash));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         {
