@@ -1,6 +1,14 @@
 //! coral-builder: turns a set of images into a seed volume.
 //!
-//! The library never prints to the terminal; the binary (`main.rs`) parses
-//! arguments, sets up logging and progress, and calls into it.
+//! The library never prints to the terminal except through [`progress`]; the
+//! binary (`main.rs`) parses arguments, sets up logging and progress, and
+//! calls into it.
 
+pub mod auth;
+pub mod build;
+pub mod progress;
+pub mod registry;
+pub mod resolve;
+pub mod units;
 pub mod unpack;
+pub mod verify;

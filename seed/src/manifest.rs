@@ -97,6 +97,9 @@ pub struct SeedLayer {
     pub chain_id: ChainId,
     /// Bytes of regular-file content in the extracted tree.
     pub unpacked_size: u64,
+    /// [`crate::tree::tree_digest`] of the extracted tree, as built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_digest: Option<Digest>,
 }
 
 /// One image, for one platform, as asked for and as resolved.
@@ -296,6 +299,7 @@ mod tests {
                 diff_id: diff.clone(),
                 chain_id: c.clone(),
                 unpacked_size: 1000,
+                tree_digest: None,
             })
             .collect();
         let name: Reference = "127.0.0.1:5000/coral/tiny".parse().unwrap();
