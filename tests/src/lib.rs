@@ -19,4 +19,31 @@ pub mod cri;
 pub mod fixtures;
 pub mod moto;
 pub mod process;
+pub mod push;
 pub mod registry;
+pub mod treecmp;
+
+use std::path::PathBuf;
+
+/// A binary of this workspace, built by the same `cargo build`/`nextest run`
+/// as the running test (it sits beside the test's `deps/` directory).
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .ok_or_else(|| anyhow::anyhow!("no directory around {}", exe.display()))?;
+    let bin = dir.join(name);
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace` (scripts/test does)",
+        bin.display()
+    );
+    Ok(bin)
+}
