@@ -13,7 +13,17 @@
 //! - `trusted.*` xattrs in a layer are dropped: they would steer overlayfs
 //!   itself (`trusted.overlay.*`); containerd does not apply them either.
 //! - The uncompressed stream is bounded: past `max_bytes` extraction stops
-//!   (decompression bombs).
+//!   (decompression bombs). The apparent size of sparse files is bounded the
+//!   same way: a layer's PAX sparse files together may not be larger than
+//!   `max_bytes`, the bound the same files would meet stored dense.
+//! - A GNU PAX sparse entry of a version other than 0.0, 0.1 and 1.0 is
+//!   rejected (Go's reader extracts it raw, under its placeholder name).
+//!
+//! GNU tar's PAX sparse files (`--sparse`, versions 0.0, 0.1 and 1.0), which
+//! the `tar` crate hands over unexpanded, are expanded here as Go's
+//! `archive/tar` (containerd's) expands them: a regular file named by
+//! `GNU.sparse.name`, of `GNU.sparse.size` (or `GNU.sparse.realsize`) bytes,
+//! the stored chunks at their offsets and holes between them.
 //!
 //! This module never follows a symlink inside the destination while writing,
 //! and never writes outside `dest`. It is blocking code: run it off the async
@@ -40,6 +50,14 @@ const PAX_XATTR: &str = "SCHILY.xattr.";
 /// Zero runs of at least this many bytes (aligned) become holes, as the
 /// filesystem would store them anyway; reading gives the same zeros.
 const HOLE_BLOCK: usize = 4096;
+/// Tar's block size: a PAX 1.0 sparse map is padded to a multiple of it.
+const TAR_BLOCK: u64 = 512;
+/// Longest sparse map accepted, as text (the PAX 1.0 map with its padding,
+/// or a 0.x `GNU.sparse.map` record): the limit of current Go releases
+/// (containerd's reader) and libarchive. Room for some 50,000 data regions
+/// of a real file; a hostile map of minimal "0\n" tokens parses into at most
+/// 4 MiB of chunk list.
+const MAX_SPARSE_MAP: u64 = 1 << 20;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +108,17 @@ pub enum UnpackError {
          (a decompression bomb, or a layer larger than allowed: raise --max-unpacked or --size)"
     )]
     TooLarge { layer: String, limit: u64 },
+    #[error(
+        "layer {layer}: entry {entry:?} is a sparse file of {size} bytes, which takes the \
+         apparent size of the layer's sparse files past the limit of {limit} bytes \
+         (raise --max-unpacked or --size)"
+    )]
+    SparseTooLarge {
+        layer: String,
+        entry: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("layer {layer}: reading the layer stream: {source}")]
     Read {
         layer: String,
@@ -115,7 +144,8 @@ pub struct UnpackOptions<'a> {
     /// Whether layers lie below this one. A base layer has nothing to delete,
     /// so its whiteouts are dropped, as containerd drops them.
     pub has_parent: bool,
-    /// Upper bound on the uncompressed stream, in bytes.
+    /// Upper bound on the uncompressed stream, in bytes; also on the sum of
+    /// the apparent sizes of the layer's PAX sparse files.
     pub max_bytes: u64,
 }
 
@@ -125,7 +155,7 @@ pub struct UnpackedLayer {
     pub diff_id: DiffId,
     /// Length of the uncompressed stream.
     pub tar_bytes: u64,
-    /// Bytes of regular-file content written.
+    /// Bytes of regular-file content written (apparent sizes: holes count).
     pub file_bytes: u64,
     /// Directories created only because an entry needed a parent (relative to
     /// `dest`): containerd copies their metadata from the layers below, which
@@ -208,6 +238,8 @@ pub fn unpack_layer(
         layer: &layer,
         dest: opts.dest,
         has_parent: opts.has_parent,
+        max_bytes: opts.max_bytes,
+        sparse_bytes: 0,
         file_bytes: 0,
         implicit_dirs: Vec::new(),
         dir_times: Vec::new(),
@@ -221,6 +253,10 @@ pub fn unpack_layer(
             x.entry(entry).map_err(|e| match e {
                 // A read error surfaced while copying file content.
                 UnpackError::Write { source, .. } if exceeded.get() => read_err(source),
+                // Or while reading a sparse map.
+                UnpackError::Invalid { what, .. } if exceeded.get() => {
+                    read_err(io::Error::other(what))
+                }
                 other => other,
             })?;
         }
@@ -251,6 +287,9 @@ struct Extractor<'a> {
     layer: &'a str,
     dest: &'a Path,
     has_parent: bool,
+    max_bytes: u64,
+    /// Sum of the apparent sizes of the PAX sparse files met so far.
+    sparse_bytes: u64,
     file_bytes: u64,
     implicit_dirs: Vec<PathBuf>,
     dir_times: Vec<(PathBuf, i64)>,
@@ -263,6 +302,38 @@ struct Meta {
     mode: u32,
     mtime: i64,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Which GNU PAX sparse format an entry uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SparseFormat {
+    /// 0.0 (`GNU.sparse.offset`/`GNU.sparse.numbytes` record pairs) or 0.1
+    /// (one `GNU.sparse.map` record): the map is in the PAX header and the
+    /// entry's data is the chunks, concatenated.
+    V0,
+    /// 1.0: the entry's data opens with the map, padded to a tar block.
+    V1,
+}
+
+/// The `GNU.sparse.*` records of an entry's PAX header (empty values count
+/// as absent, as Go's reader treats them).
+struct SparseRecords {
+    format: SparseFormat,
+    name: Option<Vec<u8>>,
+    size: Option<Vec<u8>>,
+    realsize: Option<Vec<u8>>,
+    numblocks: Option<Vec<u8>>,
+    map: Option<Vec<u8>>,
+    /// 0.0: `(is_offset, value)` in archive order.
+    pairs: Vec<(bool, Vec<u8>)>,
+}
+
+/// A validated sparse layout: `chunks` are `(offset, length)`, in order,
+/// not overlapping, within `size`; their lengths add up to the entry's data
+/// (after the map, for 1.0).
+struct SparsePlan {
+    size: u64,
+    chunks: Vec<(u64, u64)>,
 }
 
 impl<'a> Extractor<'a> {
@@ -413,6 +484,172 @@ impl<'a> Extractor<'a> {
         Ok(m)
     }
 
+    /// The entry's GNU PAX sparse records, or `None` if it is not a PAX
+    /// sparse file. Versions are told apart as Go's reader does; unknown
+    /// ones are refused (Go would extract the raw entry under its
+    /// placeholder name).
+    fn sparse_records<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        kind: EntryType,
+        name: &str,
+    ) -> Result<Option<SparseRecords>, UnpackError> {
+        let Some(pax) = entry
+            .pax_extensions()
+            .map_err(|e| self.invalid(name, format!("bad PAX extensions in header: {e}")))?
+        else {
+            return Ok(None);
+        };
+        let (mut major, mut minor) = (None, None);
+        let mut r = SparseRecords {
+            format: SparseFormat::V0,
+            name: None,
+            size: None,
+            realsize: None,
+            numblocks: None,
+            map: None,
+            pairs: Vec::new(),
+        };
+        for ext in pax {
+            let ext =
+                ext.map_err(|e| self.invalid(name, format!("bad PAX record in header: {e}")))?;
+            let (key, value) = (ext.key_bytes(), ext.value_bytes());
+            match key {
+                b"GNU.sparse.offset" => r.pairs.push((true, value.to_vec())),
+                b"GNU.sparse.numbytes" => r.pairs.push((false, value.to_vec())),
+                _ => {}
+            }
+            let slot = match key {
+                b"GNU.sparse.major" => &mut major,
+                b"GNU.sparse.minor" => &mut minor,
+                b"GNU.sparse.name" => &mut r.name,
+                b"GNU.sparse.size" => &mut r.size,
+                b"GNU.sparse.realsize" => &mut r.realsize,
+                b"GNU.sparse.numblocks" => &mut r.numblocks,
+                b"GNU.sparse.map" => &mut r.map,
+                _ => continue,
+            };
+            // The last record wins, as for every other PAX key.
+            *slot = (!value.is_empty()).then(|| value.to_vec());
+        }
+        // Errors name the file as a listing shows it, not the placeholder.
+        let shown = r.name.as_deref().map(String::from_utf8_lossy);
+        let name = shown.as_deref().unwrap_or(name);
+        r.format = match (major.as_deref(), minor.as_deref()) {
+            (Some(b"0"), Some(b"0" | b"1")) => SparseFormat::V0,
+            (Some(b"1"), Some(b"0")) => SparseFormat::V1,
+            (None, None) if r.map.is_some() || !r.pairs.is_empty() => SparseFormat::V0,
+            (None, None) => return Ok(None),
+            (major, minor) => {
+                let show = |v: Option<&[u8]>| {
+                    v.map_or("(none)".into(), |v| String::from_utf8_lossy(v).into_owned())
+                };
+                return Err(self.invalid(
+                    name,
+                    format!(
+                        "is a GNU sparse file of version {}.{}, which is not supported \
+                         (only 0.0, 0.1 and 1.0 are)",
+                        show(major),
+                        show(minor)
+                    ),
+                ));
+            }
+        };
+        if !matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            return Err(self.invalid(
+                name,
+                format!(
+                    "has GNU sparse PAX records but is of type {:?}, not a regular file",
+                    kind.as_byte() as char
+                ),
+            ));
+        }
+        Ok(Some(r))
+    }
+
+    /// Reads (1.0) or parses (0.x) the sparse map of the entry `name` and
+    /// checks it against the file's size, the entry's data and the layer's
+    /// sparse budget.
+    fn sparse_plan<R: Read>(
+        &mut self,
+        name: &str,
+        r: SparseRecords,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<SparsePlan, UnpackError> {
+        let layer = self.layer;
+        let bad = |what: String| UnpackError::Invalid {
+            layer: layer.to_owned(),
+            entry: name.to_owned(),
+            what,
+        };
+        // As Go: GNU.sparse.size first (0.x), else GNU.sparse.realsize (1.0).
+        let (key, raw_size) = match (&r.size, &r.realsize) {
+            (Some(v), _) => ("GNU.sparse.size", v),
+            (None, Some(v)) => ("GNU.sparse.realsize", v),
+            (None, None) => {
+                return Err(bad(
+                    "is a GNU sparse file without GNU.sparse.realsize or GNU.sparse.size".into(),
+                ));
+            }
+        };
+        let size = parse_decimal(raw_size).ok_or_else(|| {
+            bad(format!(
+                "has a bad {key} {:?}",
+                String::from_utf8_lossy(raw_size)
+            ))
+        })?;
+        match self.sparse_bytes.checked_add(size) {
+            Some(total) if total <= self.max_bytes => self.sparse_bytes = total,
+            _ => {
+                return Err(UnpackError::SparseTooLarge {
+                    layer: self.layer.to_owned(),
+                    entry: name.to_owned(),
+                    size,
+                    limit: self.max_bytes,
+                });
+            }
+        }
+
+        let stored = entry.size();
+        let (chunks, map_bytes) = match r.format {
+            SparseFormat::V1 => read_sparse_map(entry, stored).map_err(|e| match e {
+                MapError::Bad(what) => bad(what),
+                MapError::Io(e) => bad(format!("reading its sparse map: {e}")),
+            })?,
+            SparseFormat::V0 => (sparse_map_v0(&r).map_err(bad)?, 0),
+        };
+
+        let mut end = 0u64;
+        let mut data = 0u64;
+        for (i, &(offset, length)) in chunks.iter().enumerate() {
+            // Both are at most i64::MAX: no overflow.
+            let chunk_end = offset + length;
+            if offset < end {
+                return Err(bad(format!(
+                    "sparse chunk {i} (offset {offset}) starts before the previous chunk ends \
+                     (at {end}): chunks must be in order and not overlap"
+                )));
+            }
+            if chunk_end > size {
+                return Err(bad(format!(
+                    "sparse chunk {i} (offset {offset}, length {length}) ends past the \
+                     file's size of {size} bytes"
+                )));
+            }
+            end = chunk_end;
+            // Cannot overflow: the chunks are disjoint and within `size`.
+            data += length;
+        }
+        let stored_data = stored - map_bytes;
+        if data != stored_data {
+            return Err(bad(format!(
+                "its sparse map lists {data} bytes of data but the entry stores {stored_data} \
+                 (after a map of {map_bytes} bytes)"
+            )));
+        }
+        Ok(SparsePlan { size, chunks })
+    }
+
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
         if matches!(
@@ -424,10 +661,21 @@ impl<'a> Extractor<'a> {
         ) {
             return Ok(());
         }
-        let raw_name = entry.path_bytes().into_owned();
+        let mut raw_name = entry.path_bytes().into_owned();
+        let sparse = self.sparse_records(&mut entry, kind, &String::from_utf8_lossy(&raw_name))?;
+        // The header names a placeholder (`dir/GNUSparseFile.0/file`); the
+        // real name goes through the same checks as any other.
+        if let Some(n) = sparse.as_ref().and_then(|s| s.name.clone()) {
+            raw_name = n;
+        }
         let name = String::from_utf8_lossy(&raw_name).into_owned();
         let Some(rel) = self.clean_name(&name, &raw_name)? else {
             return Ok(());
+        };
+        // Validated before anything is written, as Go's reader does.
+        let sparse = match sparse {
+            Some(records) => Some(self.sparse_plan(&name, records, &mut entry)?),
+            None => None,
         };
         let meta = self.meta(&mut entry, &name)?;
         let base = rel
@@ -487,7 +735,11 @@ impl<'a> Extractor<'a> {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(|e| werr(self, e))?;
-                let n = copy_sparse(&mut entry, &mut f).map_err(|e| werr(self, e))?;
+                let n = match &sparse {
+                    Some(plan) => write_sparse(&mut entry, &mut f, plan).map(|()| plan.size),
+                    None => copy_sparse(&mut entry, &mut f),
+                }
+                .map_err(|e| werr(self, e))?;
                 self.file_bytes += n;
             }
             EntryType::Link => {
@@ -664,11 +916,16 @@ fn set_times(path: &Path, mtime: i64) -> io::Result<()> {
 
 /// Copies `src` to `dst`, leaving aligned all-zero blocks as holes.
 fn copy_sparse(src: &mut impl Read, dst: &mut File) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 16];
+    copy_with_holes(src, dst, &mut vec![0u8; 1 << 16])
+}
+
+/// [`copy_sparse`] from `dst`'s current position (which must be its end, or
+/// a hole past it), with the caller's buffer.
+fn copy_with_holes(src: &mut impl Read, dst: &mut File, buf: &mut [u8]) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pending_hole = false;
     loop {
-        let n = read_full(src, &mut buf)?;
+        let n = read_full(src, buf)?;
         if n == 0 {
             break;
         }
@@ -685,7 +942,8 @@ fn copy_sparse(src: &mut impl Read, dst: &mut File) -> io::Result<u64> {
     }
     if pending_hole {
         // A trailing hole: give the file its full length.
-        dst.set_len(total)?;
+        let end = dst.stream_position()?;
+        dst.set_len(end)?;
     }
     Ok(total)
 }
@@ -703,6 +961,172 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// Writes a PAX sparse file: each chunk's data, read in turn from `src`, at
+/// its offset (zero blocks in it left as holes too), holes between, and the
+/// file's full size.
+fn write_sparse(src: &mut impl Read, dst: &mut File, plan: &SparsePlan) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    for &(offset, length) in &plan.chunks {
+        dst.seek(SeekFrom::Start(offset))?;
+        let n = copy_with_holes(&mut src.take(length), dst, &mut buf)?;
+        if n != length {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the layer stream ends inside a sparse chunk",
+            ));
+        }
+    }
+    dst.set_len(plan.size)
+}
+
+/// A decimal number as GNU tar writes them in sparse records: digits only,
+/// at most `i64::MAX` (Go's reader parses them as `int64`).
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        let d = b.checked_sub(b'0').filter(|d| *d < 10)?;
+        n.checked_mul(10)?
+            .checked_add(u64::from(d))
+            .filter(|n| *n <= i64::MAX as u64)
+    })
+}
+
+/// Why a PAX 1.0 sparse map could not be read.
+enum MapError {
+    /// It is malformed or too long (the text says how).
+    Bad(String),
+    /// The stream failed (or ended) under it.
+    Io(io::Error),
+}
+
+/// Reads the PAX 1.0 sparse map that opens the data of an entry of `stored`
+/// bytes: decimal numbers each ended by a newline (the number of chunks,
+/// then an offset and a length per chunk), padded to a whole tar block
+/// (whatever the padding holds is ignored, as by GNU tar and Go). Reads no
+/// further than the block holding the last number. Returns the chunks and
+/// the bytes the map took.
+fn read_sparse_map(src: &mut impl Read, stored: u64) -> Result<(Vec<(u64, u64)>, u64), MapError> {
+    let max_blocks = stored.min(MAX_SPARSE_MAP) / TAR_BLOCK;
+    let mut block = [0u8; TAR_BLOCK as usize];
+    let mut pos = block.len();
+    let mut blocks = 0u64;
+    let mut next = |what: &str| -> Result<u64, MapError> {
+        let mut n = 0u64;
+        let mut digits = 0;
+        loop {
+            if pos == block.len() {
+                if blocks == max_blocks {
+                    return Err(MapError::Bad(if stored <= MAX_SPARSE_MAP {
+                        format!("its sparse map runs past the entry's {stored} bytes of data")
+                    } else {
+                        format!("its sparse map is longer than the limit of {MAX_SPARSE_MAP} bytes")
+                    }));
+                }
+                src.read_exact(&mut block).map_err(MapError::Io)?;
+                blocks += 1;
+                pos = 0;
+            }
+            let b = block[pos];
+            pos += 1;
+            match b {
+                b'0'..=b'9' => {
+                    n = n
+                        .checked_mul(10)
+                        .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                        .filter(|n| *n <= i64::MAX as u64)
+                        .ok_or_else(|| {
+                            MapError::Bad(format!("its sparse map has a {what} that overflows"))
+                        })?;
+                    digits += 1;
+                }
+                b'\n' if digits > 0 => return Ok(n),
+                _ => {
+                    return Err(MapError::Bad(format!(
+                        "its sparse map is malformed: byte {b:#04x} at offset {} in a {what}",
+                        (blocks - 1) * TAR_BLOCK + pos as u64 - 1
+                    )));
+                }
+            }
+        }
+    };
+    let count = next("chunk count")?;
+    // Each chunk takes at least 4 bytes ("0\n0\n").
+    if count > max_blocks * TAR_BLOCK / 4 {
+        return Err(MapError::Bad(format!(
+            "its sparse map declares {count} chunks, more than a map of at most {} bytes can hold",
+            max_blocks * TAR_BLOCK
+        )));
+    }
+    let mut chunks = Vec::with_capacity(count.min(1024) as usize);
+    for _ in 0..count {
+        let offset = next("chunk offset")?;
+        let length = next("chunk length")?;
+        chunks.push((offset, length));
+    }
+    Ok((chunks, blocks * TAR_BLOCK))
+}
+
+/// The chunks of a PAX 0.0 or 0.1 sparse map, from the PAX records.
+fn sparse_map_v0(r: &SparseRecords) -> Result<Vec<(u64, u64)>, String> {
+    let count = r
+        .numblocks
+        .as_deref()
+        .and_then(parse_decimal)
+        .ok_or_else(|| {
+            format!(
+                "is a GNU sparse 0.x file with a missing or bad GNU.sparse.numblocks {:?}",
+                String::from_utf8_lossy(r.numblocks.as_deref().unwrap_or_default())
+            )
+        })?;
+    let values: Vec<&[u8]> = match (&r.map, r.pairs.is_empty()) {
+        (Some(_), false) => {
+            return Err("has both GNU.sparse.map and GNU.sparse.offset/numbytes records".into());
+        }
+        (Some(map), true) => {
+            if map.len() as u64 > MAX_SPARSE_MAP {
+                return Err(format!(
+                    "its GNU.sparse.map is longer than the limit of {MAX_SPARSE_MAP} bytes"
+                ));
+            }
+            map.split(|b| *b == b',').collect()
+        }
+        (None, _) => {
+            for (i, (is_offset, _)) in r.pairs.iter().enumerate() {
+                if *is_offset != (i % 2 == 0) {
+                    return Err(
+                        "its GNU.sparse.offset and GNU.sparse.numbytes records do not alternate"
+                            .into(),
+                    );
+                }
+            }
+            r.pairs.iter().map(|(_, v)| v.as_slice()).collect()
+        }
+    };
+    if values.len() as u64 != count.saturating_mul(2) {
+        return Err(format!(
+            "its sparse map holds {} numbers where GNU.sparse.numblocks={count} needs {}",
+            values.len(),
+            count.saturating_mul(2)
+        ));
+    }
+    values
+        .chunks(2)
+        .map(|pair| {
+            let num = |v: &[u8]| {
+                parse_decimal(v).ok_or_else(|| {
+                    format!(
+                        "its sparse map has a bad number {:?}",
+                        String::from_utf8_lossy(v)
+                    )
+                })
+            };
+            Ok((num(pair[0])?, num(pair[1])?))
+        })
+        .collect()
 }
 
 /// Gives directories that a layer created only as parents the metadata of the

@@ -75,9 +75,88 @@ impl Tar {
         self.0.append(&h, data).unwrap();
         self
     }
+    /// A GNU PAX sparse entry: `records` in its PAX header, then a regular
+    /// file header named `header_name` (GNU tar's placeholder) holding `data`.
+    fn pax_sparse(mut self, records: &[(&str, &str)], header_name: &str, data: &[u8]) -> Tar {
+        self.0
+            .append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
+            .unwrap();
+        // A ustar header, as `tar --format=pax` writes (GNU tar itself
+        // fails on PAX sparse records behind a GNU-format header).
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        self.0.append_data(&mut h, header_name, data).unwrap();
+        self
+    }
+    /// A well-formed PAX 1.0 sparse file, as `tar --sparse --sparse-version=1.0`
+    /// writes it, with GNU tar's closing empty chunk at `size`.
+    fn sparse_1_0(self, name: &str, size: u64, chunks: &[(u64, &[u8])]) -> Tar {
+        let mut map: Vec<(u64, u64)> = chunks.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        map.push((size, 0));
+        let datas: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
+        let size = size.to_string();
+        self.pax_sparse(
+            &[
+                ("GNU.sparse.major", "1"),
+                ("GNU.sparse.minor", "0"),
+                ("GNU.sparse.name", name),
+                ("GNU.sparse.realsize", &size),
+            ],
+            "GNUSparseFile.0/placeholder",
+            &sparse_1_0_data(&map, &datas),
+        )
+    }
     fn bytes(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
+}
+
+/// The data of a PAX 1.0 sparse entry: the map (the chunk count, then offset
+/// and length of each chunk, each number ended by a newline, NUL-padded to a
+/// 512-byte block), then the chunks' bytes.
+fn sparse_1_0_data(map: &[(u64, u64)], chunks: &[&[u8]]) -> Vec<u8> {
+    let mut data = format!("{}\n", map.len()).into_bytes();
+    for (offset, length) in map {
+        data.extend_from_slice(format!("{offset}\n{length}\n").as_bytes());
+    }
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    for c in chunks {
+        data.extend_from_slice(c);
+    }
+    data
+}
+
+/// The three data regions of the 64 MiB sparse file of the tests: one at
+/// the start, one at an offset on no block boundary, one in the last quarter
+/// (the file ends with a hole). All but the last are whole 512-byte blocks
+/// long, as GNU tar writes them: GNU tar pads each chunk's data to a block,
+/// Go's reader (containerd's) and this one take the chunks as concatenated;
+/// they agree only on such maps.
+fn sparse_chunks() -> Vec<(u64, Vec<u8>)> {
+    let pattern = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    };
+    vec![
+        (0, pattern(20 * 512, 1)),
+        ((20 << 20) + 123, pattern(137 * 512, 2)),
+        (48 << 20, pattern(4000, 3)),
+    ]
+}
+
+/// The 64 MiB file `sparse_chunks` describes, dense.
+fn sparse_expected() -> Vec<u8> {
+    let mut want = vec![0u8; 64 << 20];
+    for (offset, data) in sparse_chunks() {
+        want[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    }
+    want
 }
 
 fn unpack(tar: &[u8], dest: &Path, has_parent: bool) -> Result<UnpackedLayer, UnpackError> {
@@ -480,4 +559,405 @@ fn resolve_in_root_never_leaves_the_root() {
     );
     symlink("loop", root.path().join("loop")).unwrap();
     assert!(resolve_in_root(root.path(), Path::new("loop/x")).is_err());
+}
+
+#[test]
+fn pax_sparse_1_0_expands_to_the_full_file_with_holes() {
+    let chunks = sparse_chunks();
+    let refs: Vec<(u64, &[u8])> = chunks.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+    let tar = Tar::new()
+        .file("before", 0o644, b"before")
+        .sparse_1_0("var/big.img", 64 << 20, &refs)
+        // Entries after it still line up: the map and its padding were consumed.
+        .file("after", 0o644, b"after")
+        .bytes();
+    assert!(
+        tar.len() < 1 << 20,
+        "the layer stores only the data regions"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let out = unpack(&tar, d.path(), false).unwrap();
+
+    let path = d.path().join("var/big.img");
+    let m = fs::symlink_metadata(&path).unwrap();
+    assert!(m.file_type().is_file());
+    assert_eq!(m.len(), 64 << 20, "apparent size is GNU.sparse.realsize");
+    assert_eq!(
+        hex::encode(Sha256::digest(fs::read(&path).unwrap())),
+        hex::encode(Sha256::digest(sparse_expected())),
+        "content: the chunks at their offsets, zeros elsewhere"
+    );
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "{} bytes allocated for a 64 MiB file with 84 KB of data",
+        m.blocks() * 512
+    );
+    assert_eq!((m.mode() & 0o7777, m.mtime()), (0o644, 1_700_000_000));
+    assert!(
+        !d.path().join("GNUSparseFile.0").exists(),
+        "the placeholder header name is not used"
+    );
+    assert_eq!(fs::read(d.path().join("before")).unwrap(), b"before");
+    assert_eq!(fs::read(d.path().join("after")).unwrap(), b"after");
+
+    // The diff ID still covers the raw stream: map, chunks and all.
+    assert_eq!(
+        out.diff_id.to_string(),
+        format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+    );
+    assert_eq!(out.tar_bytes, tar.len() as u64);
+    assert_eq!(out.file_bytes, 6 + (64 << 20) + 5);
+}
+
+#[test]
+fn pax_sparse_0_1_and_0_0_give_the_same_file_as_1_0() {
+    let chunks = sparse_chunks();
+    let data: Vec<u8> = chunks.iter().flat_map(|(_, d)| d.clone()).collect();
+    let size = (64u64 << 20).to_string();
+    let numblocks = chunks.len().to_string();
+    // 0.1: one GNU.sparse.map record, and a placeholder header name.
+    let map = chunks
+        .iter()
+        .map(|(o, d)| format!("{o},{}", d.len()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let v01 = Tar::new()
+        .pax_sparse(
+            &[
+                ("GNU.sparse.size", &size),
+                ("GNU.sparse.numblocks", &numblocks),
+                ("GNU.sparse.name", "big.img"),
+                ("GNU.sparse.map", &map),
+            ],
+            "GNUSparseFile.7/big.img",
+            &data,
+        )
+        .bytes();
+    // 0.0: offset/numbytes record pairs, and the real header name.
+    let pairs: Vec<(String, String)> = chunks
+        .iter()
+        .map(|(o, d)| (o.to_string(), d.len().to_string()))
+        .collect();
+    let mut records = vec![
+        ("GNU.sparse.size", size.as_str()),
+        ("GNU.sparse.numblocks", numblocks.as_str()),
+    ];
+    for (o, n) in &pairs {
+        records.push(("GNU.sparse.offset", o));
+        records.push(("GNU.sparse.numbytes", n));
+    }
+    let v00 = Tar::new().pax_sparse(&records, "big.img", &data).bytes();
+
+    let want = hex::encode(Sha256::digest(sparse_expected()));
+    for (version, tar) in [("0.1", v01), ("0.0", v00)] {
+        let d = tempfile::tempdir().unwrap();
+        unpack(&tar, d.path(), false).unwrap();
+        let path = d.path().join("big.img");
+        let m = fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 64 << 20, "{version}");
+        assert_eq!(
+            hex::encode(Sha256::digest(fs::read(&path).unwrap())),
+            want,
+            "{version}"
+        );
+        assert!(m.blocks() * 512 < 1 << 20, "{version}: holes");
+        assert!(!d.path().join("GNUSparseFile.7").exists(), "{version}");
+    }
+}
+
+#[test]
+fn hostile_sparse_maps_are_refused_with_the_layer_and_entry_named() {
+    let v1 = |realsize: &str, data: Vec<u8>| {
+        Tar::new()
+            .pax_sparse(
+                &[
+                    ("GNU.sparse.major", "1"),
+                    ("GNU.sparse.minor", "0"),
+                    ("GNU.sparse.name", "victim"),
+                    ("GNU.sparse.realsize", realsize),
+                ],
+                "GNUSparseFile.0/victim",
+                &data,
+            )
+            .bytes()
+    };
+    let map = |map: &[(u64, u64)], data: &[u8]| sparse_1_0_data(map, &[data]);
+    let raw_map = |text: &str, data: &[u8]| {
+        let mut v = text.as_bytes().to_vec();
+        v.resize(v.len().div_ceil(512) * 512, 0);
+        v.extend_from_slice(data);
+        v
+    };
+    // 1.4 MB of map text: 200,000 "1000\n1\n" pairs.
+    let long_map = format!("200000\n{}", "1000\n1\n".repeat(200_000));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "chunk past the size",
+            v1("1000", map(&[(900, 200)], &[7; 200])),
+            "ends past the file's size of 1000 bytes",
+        ),
+        (
+            "offset overflows",
+            v1("1000", raw_map("1\n99999999999999999999\n1\n", b"x")),
+            "overflows",
+        ),
+        (
+            "offset beyond i64",
+            v1("1000", raw_map("1\n9223372036854775808\n1\n", b"x")),
+            "overflows",
+        ),
+        (
+            "chunks out of order",
+            v1("1000", map(&[(100, 10), (50, 10)], &[7; 20])),
+            "in order",
+        ),
+        (
+            "chunks overlap",
+            v1("1000", map(&[(0, 100), (50, 10)], &[7; 110])),
+            "in order",
+        ),
+        (
+            "chunk data longer than the entry",
+            v1("100000", map(&[(0, 50_000)], &[7; 100])),
+            "lists 50000 bytes of data but the entry stores 100",
+        ),
+        (
+            "entry data beyond the chunks",
+            v1("1000", map(&[(0, 10)], &[7; 600])),
+            "lists 10 bytes of data but the entry stores 600",
+        ),
+        (
+            "huge chunk count",
+            v1("1000", raw_map("1000000000\n", b"")),
+            "declares 1000000000 chunks",
+        ),
+        (
+            "map longer than the entry",
+            // 128 chunks announced, 127 in the entry's only block.
+            v1(
+                "1000",
+                raw_map(&format!("128\n{}", "0\n0\n".repeat(127)), b""),
+            ),
+            "runs past the entry's 512 bytes",
+        ),
+        (
+            "map longer than the limit",
+            v1("1000", raw_map(&long_map, b"")),
+            "longer than the limit of 1048576 bytes",
+        ),
+        (
+            "malformed map",
+            v1("1000", raw_map("1\n0x10\n1\n", b"x")),
+            "malformed",
+        ),
+        (
+            "negative offset",
+            v1("1000", raw_map("1\n-5\n1\n", b"x")),
+            "malformed",
+        ),
+        (
+            "bad realsize",
+            v1("-1", map(&[], b"")),
+            "bad GNU.sparse.realsize",
+        ),
+        (
+            "no realsize",
+            Tar::new()
+                .pax_sparse(
+                    &[
+                        ("GNU.sparse.major", "1"),
+                        ("GNU.sparse.minor", "0"),
+                        ("GNU.sparse.name", "victim"),
+                    ],
+                    "GNUSparseFile.0/victim",
+                    &map(&[], b""),
+                )
+                .bytes(),
+            "without GNU.sparse.realsize",
+        ),
+        (
+            "unknown version",
+            Tar::new()
+                .pax_sparse(
+                    &[
+                        ("GNU.sparse.major", "2"),
+                        ("GNU.sparse.minor", "0"),
+                        ("GNU.sparse.name", "victim"),
+                        ("GNU.sparse.realsize", "10"),
+                    ],
+                    "GNUSparseFile.0/victim",
+                    &map(&[], b""),
+                )
+                .bytes(),
+            "version 2.0, which is not supported",
+        ),
+        (
+            "0.1 count mismatch",
+            Tar::new()
+                .pax_sparse(
+                    &[
+                        ("GNU.sparse.size", "1000"),
+                        ("GNU.sparse.numblocks", "2"),
+                        ("GNU.sparse.name", "victim"),
+                        ("GNU.sparse.map", "0,1"),
+                    ],
+                    "GNUSparseFile.0/victim",
+                    b"x",
+                )
+                .bytes(),
+            "holds 2 numbers where GNU.sparse.numblocks=2 needs 4",
+        ),
+        (
+            "0.0 pairs out of order",
+            Tar::new()
+                .pax_sparse(
+                    &[
+                        ("GNU.sparse.size", "1000"),
+                        ("GNU.sparse.numblocks", "1"),
+                        ("GNU.sparse.numbytes", "1"),
+                        ("GNU.sparse.offset", "0"),
+                    ],
+                    "victim",
+                    b"x",
+                )
+                .bytes(),
+            "do not alternate",
+        ),
+    ];
+    for (what, tar, needle) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let err = unpack(&tar, d.path(), false)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(
+            err.contains("layer test-layer: entry \"victim\""),
+            "{what}: the layer and the entry are named: {err}"
+        );
+        assert!(
+            !d.path().join("victim").exists(),
+            "{what}: nothing is written"
+        );
+    }
+}
+
+#[test]
+fn sparse_names_are_checked_like_any_entry_name() {
+    let cases: Vec<(&str, Tar, &str)> = vec![
+        ("dotdot", Tar::new(), "../escape"),
+        ("nested dotdot", Tar::new(), "a/../../escape"),
+        ("absolute", Tar::new(), "/tmp/escape"),
+        (
+            "through symlink",
+            Tar::new().link(EntryType::Symlink, "lnk", "/tmp"),
+            "lnk/escape",
+        ),
+    ];
+    let needles = ["'..'", "'..'", "absolute", "through the symlink"];
+    for ((what, tar, name), needle) in cases.into_iter().zip(needles) {
+        // The placeholder header name is harmless: only GNU.sparse.name escapes.
+        let tar = tar.sparse_1_0(name, 8192, &[(0, b"x")]).bytes();
+        let outer = tempfile::tempdir().unwrap();
+        let dest = outer.path().join("layer");
+        let err = unpack(&tar, &dest, false)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(
+            err.contains(&format!("layer test-layer: entry {name:?}")),
+            "{what}: {err}"
+        );
+        let beside: Vec<_> = fs::read_dir(outer.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, vec![std::ffi::OsString::from("layer")], "{what}");
+        assert!(
+            !dest.join("GNUSparseFile.0").exists(),
+            "{what}: nor under the placeholder"
+        );
+    }
+    assert!(!Path::new("/tmp/escape").exists());
+}
+
+#[test]
+fn sparse_apparent_sizes_are_bounded_by_max_bytes() {
+    let opts = |dest| UnpackOptions {
+        layer: "sparse-layer",
+        compression: Compression::None,
+        dest,
+        has_parent: false,
+        max_bytes: 1 << 30,
+    };
+    // One file at the limit is fine; a second takes the layer past it.
+    let d = tempfile::tempdir().unwrap();
+    let one = Tar::new().sparse_1_0("a", 1 << 30, &[]).bytes();
+    unpack_layer(&one[..], &opts(d.path())).unwrap();
+    assert_eq!(fs::metadata(d.path().join("a")).unwrap().len(), 1 << 30);
+
+    let d = tempfile::tempdir().unwrap();
+    let two = Tar::new()
+        .sparse_1_0("a", 600 << 20, &[])
+        .sparse_1_0("b", 600 << 20, &[])
+        .bytes();
+    let err = unpack_layer(&two[..], &opts(d.path())).unwrap_err();
+    assert!(
+        matches!(&err, UnpackError::SparseTooLarge { entry, .. } if entry == "b"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("sparse-layer"), "{err}");
+    assert!(err.to_string().contains("--max-unpacked"), "{err}");
+    assert!(!d.path().join("b").exists());
+
+    let d = tempfile::tempdir().unwrap();
+    let huge = Tar::new().sparse_1_0("h", i64::MAX as u64, &[]).bytes();
+    let err = unpack_layer(&huge[..], &opts(d.path())).unwrap_err();
+    assert!(matches!(err, UnpackError::SparseTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn the_stream_limit_applies_inside_a_sparse_map() {
+    // A map of some 500 KB in a layer allowed 256 KiB of stream.
+    let mut text = String::from("60000\n");
+    for i in 0..60_000u64 {
+        text.push_str(&format!("{}\n1\n", i * 2));
+    }
+    let mut data = text.into_bytes();
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    assert!(data.len() > 400 << 10);
+    data.extend(std::iter::repeat_n(7u8, 60_000));
+    let tar = Tar::new()
+        .pax_sparse(
+            &[
+                ("GNU.sparse.major", "1"),
+                ("GNU.sparse.minor", "0"),
+                ("GNU.sparse.name", "f"),
+                ("GNU.sparse.realsize", "120000"),
+            ],
+            "GNUSparseFile.0/f",
+            &data,
+        )
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    let err = unpack_layer(
+        &tar[..],
+        &UnpackOptions {
+            layer: "l",
+            compression: Compression::None,
+            dest: d.path(),
+            has_parent: false,
+            max_bytes: 256 << 10,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
+
+    // With room, the same layer extracts: 60,000 one-byte chunks.
+    let d = tempfile::tempdir().unwrap();
+    unpack(&tar, d.path(), false).unwrap();
+    let got = fs::read(d.path().join("f")).unwrap();
+    assert_eq!(got.len(), 120_000);
+    assert!(got.chunks(2).all(|p| p == [7, 0]));
 }
