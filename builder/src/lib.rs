@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod build;
+pub mod fsimage;
 pub mod progress;
 pub mod registry;
 pub mod resolve;
