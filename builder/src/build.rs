@@ -593,6 +593,7 @@ pub async fn stage(
     let manifest_json = manifest.to_json();
     write_atomic(&layout.manifest(), &manifest_json)?;
     remove_tree(&layout.tmp_dir())?;
+    normalise_metadata(layout, created)?;
     phases.layout_seconds = seconds(t);
 
     Ok(StageResult {
@@ -610,6 +611,63 @@ fn platform_json(p: &Platform) -> serde_json::Value {
         v["variant"] = json!(var);
     }
     v
+}
+
+/// Gives everything coral wrote itself (not the layer trees' contents) fixed
+/// owners, modes and times, so the filesystem image does not depend on when,
+/// in what order or under what umask the volume was staged.
+fn normalise_metadata(layout: &SeedLayout, epoch: i64) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let ts = rustix::fs::Timespec {
+        tv_sec: epoch,
+        tv_nsec: 0,
+    };
+    let fix = |p: &Path, dir: bool| -> Result<()> {
+        std::fs::set_permissions(
+            p,
+            std::fs::Permissions::from_mode(if dir { 0o755 } else { 0o644 }),
+        )?;
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            p,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            p,
+            &rustix::fs::Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    };
+    let ctx = |p: &Path| format!("setting the metadata of {}", p.display());
+    for f in [layout.manifest(), layout.index(), layout.oci_layout()] {
+        fix(&f, false).with_context(|| ctx(&f))?;
+    }
+    for algo in std::fs::read_dir(layout.blobs_dir())? {
+        let algo = algo?.path();
+        for blob in std::fs::read_dir(&algo)? {
+            let blob = blob?.path();
+            fix(&blob, false).with_context(|| ctx(&blob))?;
+        }
+        fix(&algo, true).with_context(|| ctx(&algo))?;
+    }
+    // Directories last: changing their entries' metadata does not touch
+    // them, but creating or renaming entries did.
+    for d in [
+        layout.blobs_dir(),
+        layout.layers_dir(),
+        layout.dir(),
+        layout.root().to_path_buf(),
+    ] {
+        fix(&d, true).with_context(|| ctx(&d))?;
+    }
+    Ok(())
 }
 
 fn fix_root(dir: &Path) -> std::io::Result<()> {

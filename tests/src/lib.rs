@@ -25,9 +25,11 @@ pub mod treecmp;
 
 use std::path::PathBuf;
 
-/// A binary of this workspace, built by the same `cargo build`/`nextest run`
-/// as the running test (it sits beside the test's `deps/` directory).
+/// A binary of this workspace, freshly built: `cargo build --bin NAME` runs
+/// first (a no-op when it is up to date), since `cargo test`/`nextest` do not
+/// rebuild other packages' binaries and a stale one would test old code.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
@@ -38,12 +40,20 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
                 Some(d)
             }
         })
-        .ok_or_else(|| anyhow::anyhow!("no directory around {}", exe.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("no directory around {}", exe.display()))?
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let _lock = cache::FileLock::acquire(&cache::cache_dir().join("locks/cargo-build"))?;
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--quiet", "--bin", name])
+        .current_dir(cache::repo_root())
+        // The target directory the tests themselves were built in.
+        .env("CARGO_TARGET_DIR", dir.parent().context("target dir")?);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    process::run(&mut cmd).with_context(|| format!("building {name}"))?;
     let bin = dir.join(name);
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is not built: run `cargo build --workspace` (scripts/test does)",
-        bin.display()
-    );
+    anyhow::ensure!(bin.exists(), "{} was not built", bin.display());
     Ok(bin)
 }

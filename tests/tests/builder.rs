@@ -161,11 +161,7 @@ async fn merged_layers_match_umoci_unpack_for_every_fixture_image_and_platform()
                 diffs.len(),
                 diffs.join("\n")
             );
-            ensure!(
-                ours.len() > 3,
-                "{what}: the view is nearly empty ({} entries)",
-                ours.len()
-            );
+            ensure!(!ours.is_empty(), "{what}: the view is empty");
             compared += 1;
             drop(_g);
             std::fs::remove_dir_all(&bundle)?;
@@ -261,11 +257,17 @@ async fn every_layer_view_matches_the_snapshot_containerd_unpacked() -> Result<(
             let dirs = layer_dirs(&vol.0, img);
             for (i, layer) in img.layers.iter().enumerate() {
                 let key = format!("coral-test-view-{i}-{}", layer.chain_id.hex());
+                // A gc.root label keeps containerd's collector (which a pull
+                // can trigger) from removing the view before we do.
                 let req = ViewSnapshotRequest {
                     snapshotter: "overlayfs".into(),
                     key: key.clone(),
                     parent: layer.chain_id.to_string(),
-                    labels: Default::default(),
+                    labels: [(
+                        "containerd.io/gc.root".to_string(),
+                        "coral-test".to_string(),
+                    )]
+                    .into(),
                 };
                 let mounts = snaps
                     .view(with_namespace!(req, "k8s.io"))

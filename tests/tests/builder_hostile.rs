@@ -17,6 +17,8 @@ fn header(kind: EntryType, size: u64) -> Header {
     h.set_mode(0o644);
     h.set_size(size);
     h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
     h
 }
 
