@@ -555,3 +555,161 @@ async fn a_build_killed_at_any_point_resumes_to_the_same_image() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn verify_finds_a_changed_blob_and_a_changed_layer_file_and_inspect_prints_the_manifest()
+-> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-build-").tempdir()?;
+    let out = work.path().join("seed.img");
+    let report_file = work.path().join("report.json");
+    let seed_file = work.path().join("seed.yaml");
+    std::fs::write(
+        &seed_file,
+        format!(
+            "images:\n  - {host}/coral/tiny:latest\n  - {host}/coral/layered:latest\nplatforms: [linux/amd64]\noptions:\n  insecureRegistries: [\"{host}\"]\n  label: coral-test\n",
+            host = reg.host()
+        ),
+    )?;
+    let bin = workspace_bin("coral-builder")?;
+    run(Command::new(&bin)
+        .args(["build", "--progress", "json", "--seed"])
+        .arg(&seed_file)
+        .arg("--output")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report_file))?;
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_file)?)?;
+    ensure!(
+        report["images"].as_array().map(|a| a.len()) == Some(2),
+        "{report}"
+    );
+    ensure!(report["bytesPulled"].as_u64() > Some(1000), "{report}");
+    ensure!(report["filesystem"]["label"] == "coral-test", "{report}");
+    let label = run(Command::new("blkid")
+        .args(["-s", "LABEL", "-o", "value"])
+        .arg(&out))?;
+    ensure!(label.trim() == "coral-test", "label {label:?}");
+
+    // inspect prints the seed manifest, whose digest the report names.
+    let printed = run(Command::new(&bin).arg("inspect").arg(&out))?;
+    let m = SeedManifest::from_json(printed.as_bytes())?;
+    ensure!(
+        m.digest().to_string() == report["manifestDigest"],
+        "inspect shows another manifest"
+    );
+    ensure!(
+        Command::new(&bin)
+            .arg("verify")
+            .arg(&out)
+            .status()?
+            .success(),
+        "a fresh volume does not verify"
+    );
+
+    // Damage a copy, mounted read-write: one blob byte, then one layer file.
+    let layered = m
+        .images
+        .iter()
+        .find(|i| i.reference.contains("layered"))
+        .context("layered")?;
+    let blob_hex = layered.layers[1].digest.hex().to_string();
+    let chain_hex = layered.layers[2].chain_id.hex().to_string();
+    for (what, needle) in [("blob", blob_hex.clone()), ("layer", chain_hex.clone())] {
+        let copy = work.path().join(format!("damaged-{what}.img"));
+        std::fs::copy(&out, &copy)?;
+        let mnt = work.path().join(format!("mnt-{what}"));
+        std::fs::create_dir_all(&mnt)?;
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&copy)
+            .arg(&mnt))?;
+        let damage = (|| -> Result<()> {
+            if what == "blob" {
+                let p = mnt.join(".coral/blobs/sha256").join(&blob_hex);
+                let mut b = std::fs::read(&p)?;
+                b[10] ^= 1;
+                std::fs::write(&p, b)?;
+            } else {
+                let dir = mnt.join(".coral/layers").join(&chain_hex);
+                let file = walk_first_file(&dir)?.context("a file in the layer")?;
+                std::fs::write(&file, b"changed")?;
+            }
+            Ok(())
+        })();
+        run(Command::new("umount").arg("-d").arg(&mnt))?;
+        damage?;
+        let o = Command::new(&bin)
+            .args(["verify", "--json"])
+            .arg(&copy)
+            .output()?;
+        ensure!(
+            !o.status.success(),
+            "verify passed a volume with a changed {what}"
+        );
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        let problems = r["problems"].to_string();
+        ensure!(
+            r["intact"] == false && problems.contains(&needle),
+            "{what}: {problems}"
+        );
+    }
+    Ok(())
+}
+
+fn walk_first_file(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let m = std::fs::symlink_metadata(&p)?;
+        if m.is_file() && m.len() > 0 {
+            return Ok(Some(p));
+        }
+        if m.is_dir()
+            && let Some(f) = walk_first_file(&p)?
+        {
+            return Ok(Some(f));
+        }
+    }
+    Ok(None)
+}
+
+#[tokio::test]
+async fn an_xfs_volume_builds_verifies_and_holds_the_same_trees() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-build-").tempdir()?;
+    let ext4 = work.path().join("seed-ext4.img");
+    let xfs = work.path().join("seed-xfs.img");
+    build(&reg, &["layered"], &["linux/amd64"], &ext4, &[])?;
+    build(&reg, &["layered"], &["linux/amd64"], &xfs, &["--fs", "xfs"])?;
+    let fstype = run(Command::new("blkid")
+        .args(["-s", "TYPE", "-o", "value"])
+        .arg(&xfs))?;
+    ensure!(fstype.trim() == "xfs", "{fstype}");
+    ensure!(
+        Command::new(workspace_bin("coral-builder")?)
+            .arg("verify")
+            .arg(&xfs)
+            .status()?
+            .success()
+    );
+    let (a, b) = (Mounted::new(&ext4)?, Mounted::new(&xfs)?);
+    let opts = Options {
+        dir_mtimes: true,
+        root_metadata: true,
+        ..Options::default()
+    };
+    let diffs = treecmp::diff(
+        "ext4",
+        &treecmp::snapshot(&a.0.join(".coral/layers"), &opts)?,
+        "xfs",
+        &treecmp::snapshot(&b.0.join(".coral/layers"), &opts)?,
+    );
+    ensure!(diffs.is_empty(), "{}", diffs.join("\n"));
+    Ok(())
+}
