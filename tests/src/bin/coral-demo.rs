@@ -1,9 +1,10 @@
 //! `scripts/demo`: the story on one machine, on embedded defaults.
 //!
-//! Today it starts the test bed (a local registry serving the sample images
-//! and a private containerd), and times the path coral replaces: a node
-//! pulling and unpacking the images through CRI, then starting a container.
-//! The seed-volume path joins it as the builder and node mounter land.
+//! It starts the test bed (a local registry serving the sample images), runs
+//! `coral-builder build` into a local volume file, verifies and inspects it,
+//! then times the path coral replaces on a fresh containerd: a node pulling
+//! and unpacking the images through CRI, then starting a container. The node
+//! side (coral-node-mounter adopting the volume) joins as it lands.
 
 use std::time::Instant;
 
@@ -33,6 +34,45 @@ async fn main() -> Result<()> {
     step("local OCI registry (docker-registry on 127.0.0.1) serving the corpus");
     let reg = corpus.plain_registry()?;
     println!("  {} lists {:?}", reg.url(), reg.catalog().await?);
+
+    step("coral-builder build: the sample images into a local seed volume file");
+    let out_dir = coral_tests::cache::cache_dir().join("demo");
+    std::fs::create_dir_all(&out_dir)?;
+    let volume = out_dir.join("seed.img");
+    let builder = coral_tests::workspace_bin("coral-builder")?;
+    let mut cmd = std::process::Command::new(&builder);
+    cmd.arg("build")
+        .arg("--output")
+        .arg(&volume)
+        .args(["--json", "--platform", "linux/amd64"]);
+    cmd.args(["--insecure-registry", &reg.host()]);
+    for i in &corpus.images {
+        cmd.arg("--image").arg(format!(
+            "{}/{}:latest",
+            reg.host(),
+            Corpus::repository(&i.name)
+        ));
+    }
+    let t = Instant::now();
+    let report: serde_json::Value = serde_json::from_str(&run(&mut cmd)?)?;
+    let build_time = t.elapsed();
+    println!(
+        "  wrote {} in {:.2?}: {} images, {} layer trees, {} MiB of blobs, {} MiB unpacked, manifest {}",
+        volume.display(),
+        build_time,
+        report["totals"]["images"],
+        report["totals"]["layers"],
+        report["totals"]["blobBytes"].as_u64().unwrap_or(0) >> 20,
+        report["totals"]["unpackedBytes"].as_u64().unwrap_or(0) >> 20,
+        report["manifestDigest"].as_str().unwrap_or("?"),
+    );
+    println!("  phases: {}", report["phases"]);
+    step("coral-builder verify: every blob and layer tree re-hashed");
+    let t = Instant::now();
+    run(std::process::Command::new(&builder)
+        .arg("verify")
+        .arg(&volume))?;
+    println!("  intact ({:.2?})", t.elapsed());
 
     let build = containerd::available()?
         .into_iter()
@@ -85,7 +125,13 @@ async fn main() -> Result<()> {
         total.as_secs_f64()
     );
     println!(
-        "\nThe seed-volume path (coral-builder + coral-node-mounter) is not in this demo yet."
+        "  {:<28} {:>10.2}",
+        "coral-builder build (all)",
+        build_time.as_secs_f64()
+    );
+    println!(
+        "\nNext on the node side (coral-node-mounter, in progress): adopt {} into containerd in seconds.",
+        volume.display()
     );
     Ok(())
 }
