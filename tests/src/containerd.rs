@@ -166,17 +166,7 @@ impl Containerd {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
 
-        let mut cmd = Command::new(build.bin_dir.join("containerd"));
-        cmd.arg("--config").arg(&config_path);
-        // The runc shim is looked up on PATH: the build's own comes first.
-        let path = std::env::var("PATH").unwrap_or_default();
-        cmd.env("PATH", format!("{}:{path}", build.bin_dir.display()));
-        let mut service = Service::spawn(
-            &format!("containerd {}", build.version),
-            cmd,
-            &dir.path().join("containerd.log"),
-        )?;
-        service.wait_until(Duration::from_secs(30), || address.exists())?;
+        let service = Self::spawn(build, dir.path(), &address)?;
         let me = Containerd {
             service,
             build: build.clone(),
@@ -184,17 +174,51 @@ impl Containerd {
             root,
             dir,
         };
+        me.wait_ready().await?;
+        Ok(me)
+    }
+
+    fn spawn(build: &ContainerdBuild, dir: &Path, address: &Path) -> Result<Service> {
+        let mut cmd = Command::new(build.bin_dir.join("containerd"));
+        cmd.arg("--config").arg(dir.join("config.toml"));
+        // The runc shim is looked up on PATH: the build's own comes first.
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", build.bin_dir.display()));
+        let mut service = Service::spawn(
+            &format!("containerd {}", build.version),
+            cmd,
+            &dir.join("containerd.log"),
+        )?;
+        service.wait_until(Duration::from_secs(30), || address.exists())?;
+        Ok(service)
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
         // The socket exists before every service is registered: wait for an answer.
         let mut last = None;
         for _ in 0..100 {
-            match me.version().await {
-                Ok(_) => return Ok(me),
+            match self.version().await {
+                Ok(_) => return Ok(()),
                 Err(e) => last = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(last.expect("tried"))
-            .with_context(|| format!("containerd did not answer; log:\n{}", me.service.log_tail()))
+        Err(last.expect("tried")).with_context(|| {
+            format!(
+                "containerd did not answer; log:\n{}",
+                self.service.log_tail()
+            )
+        })
+    }
+
+    /// Stops the daemon and starts it again on the same root and config
+    /// (running containers' shims are killed).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.service.stop();
+        kill_processes_mentioning(&self.address.display().to_string());
+        let _ = std::fs::remove_file(&self.address);
+        self.service = Self::spawn(&self.build, self.dir.path(), &self.address)?;
+        self.wait_ready().await
     }
 
     pub fn address(&self) -> &Path {
@@ -238,7 +262,8 @@ impl Drop for Containerd {
         // Shims detach from containerd; they name the socket on their command line.
         kill_processes_mentioning(&self.address.display().to_string());
         unmount_below(self.dir.path());
-        unmount_below(&self.root);
+        // Not the root itself: it may be a volume the test mounted and owns.
+        unmount_inside(&self.root);
     }
 }
 
@@ -257,8 +282,17 @@ fn write_hosts_toml(certs: &Path, registry: &Registry) -> Result<()> {
     Ok(())
 }
 
+/// Lazily unmounts everything mounted strictly below `dir`, deepest first.
+pub fn unmount_inside(dir: &Path) {
+    unmount_matching(dir, false)
+}
+
 /// Lazily unmounts everything mounted at or below `dir`, deepest first.
 pub fn unmount_below(dir: &Path) {
+    unmount_matching(dir, true)
+}
+
+fn unmount_matching(dir: &Path, including: bool) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -266,7 +300,7 @@ pub fn unmount_below(dir: &Path) {
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(dir) && (including || p != dir))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for p in points {

@@ -21,6 +21,7 @@ pub mod moto;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod seed;
 pub mod treecmp;
 
 use std::path::PathBuf;

@@ -11,60 +11,10 @@ use coral_tests::containerd::{self, Containerd};
 use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::process::run;
-use coral_tests::registry::{Registry, RegistryOptions};
+use coral_tests::registry::RegistryOptions;
+use coral_tests::seed::{Mounted, build};
 use coral_tests::treecmp::{self, Options};
 use coral_tests::workspace_bin;
-
-/// Runs `coral-builder build` for `images` from `reg`; returns the report.
-fn build(
-    reg: &Registry,
-    images: &[&str],
-    platforms: &[&str],
-    output: &Path,
-    extra: &[&str],
-) -> Result<serde_json::Value> {
-    let mut cmd = Command::new(workspace_bin("coral-builder")?);
-    cmd.arg("build")
-        .arg("--output")
-        .arg(output)
-        .args(["--json", "--progress", "none"]);
-    for i in images {
-        cmd.arg("--image")
-            .arg(format!("{}/{}:latest", reg.host(), Corpus::repository(i)));
-    }
-    for p in platforms {
-        cmd.args(["--platform", p]);
-    }
-    if reg.is_tls() {
-        cmd.arg("--ca-cert")
-            .arg(reg.ca_cert().expect("TLS registry has a CA"));
-    } else {
-        cmd.args(["--insecure-registry", &reg.host()]);
-    }
-    cmd.args(extra);
-    let out = run(&mut cmd).context("coral-builder build")?;
-    serde_json::from_str(&out).with_context(|| format!("build report is not JSON: {out}"))
-}
-
-/// Mounts an image file read-only; unmounts on drop.
-struct Mounted(PathBuf, #[allow(dead_code)] tempfile::TempDir);
-
-impl Mounted {
-    fn new(image: &Path) -> Result<Mounted> {
-        let dir = tempfile::Builder::new().prefix("coral-mnt-").tempdir()?;
-        run(Command::new("mount")
-            .args(["-o", "loop,ro"])
-            .arg(image)
-            .arg(dir.path()))?;
-        Ok(Mounted(dir.path().to_path_buf(), dir))
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-d").arg(&self.0).status();
-    }
-}
 
 fn manifest(root: &Path) -> Result<SeedManifest> {
     let bytes = std::fs::read(SeedLayout::new(root).manifest())?;

@@ -1,0 +1,4 @@
+//! coral-node-mounter: makes a seed volume's images ready in the node's
+//! containerd at bootstrap, and pulls through CRI whatever is missing.
+
+pub mod adopt;

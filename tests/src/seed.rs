@@ -1,0 +1,74 @@
+//! Seed volumes for tests: `coral-builder build` against a test registry,
+//! and loop mounts of the result.
+
+use std::path::{Path, PathBuf};
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::fixtures::Corpus;
+use crate::process::run;
+use crate::registry::Registry;
+use crate::workspace_bin;
+
+/// Runs `coral-builder build` for `images` from `reg`; returns the report.
+pub fn build(
+    reg: &Registry,
+    images: &[&str],
+    platforms: &[&str],
+    output: &Path,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(workspace_bin("coral-builder")?);
+    cmd.arg("build")
+        .arg("--output")
+        .arg(output)
+        .args(["--json", "--progress", "none"]);
+    for i in images {
+        cmd.arg("--image")
+            .arg(format!("{}/{}:latest", reg.host(), Corpus::repository(i)));
+    }
+    for p in platforms {
+        cmd.args(["--platform", p]);
+    }
+    if reg.is_tls() {
+        cmd.arg("--ca-cert")
+            .arg(reg.ca_cert().expect("TLS registry has a CA"));
+    } else {
+        cmd.args(["--insecure-registry", &reg.host()]);
+    }
+    cmd.args(extra);
+    let out = run(&mut cmd).context("coral-builder build")?;
+    serde_json::from_str(&out).with_context(|| format!("build report is not JSON: {out}"))
+}
+
+/// A loop-mounted image file; unmounted (and the loop device detached) on drop.
+pub struct Mounted(pub PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Mounted {
+    /// Read-only.
+    pub fn new(image: &Path) -> Result<Mounted> {
+        Self::with_options(image, "loop,ro")
+    }
+
+    /// Read-write (the image file changes).
+    pub fn read_write(image: &Path) -> Result<Mounted> {
+        Self::with_options(image, "loop")
+    }
+
+    fn with_options(image: &Path, options: &str) -> Result<Mounted> {
+        let dir = tempfile::Builder::new().prefix("coral-mnt-").tempdir()?;
+        run(Command::new("mount")
+            .args(["-o", options])
+            .arg(image)
+            .arg(dir.path()))?;
+        Ok(Mounted(dir.path().to_path_buf(), dir))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-d").arg(&self.0).status();
+    }
+}

@@ -1,0 +1,352 @@
+//! `coral-node-mounter import --mode adopt` against each containerd: a seed
+//! volume built by coral-builder, loop-mounted as a fresh containerd's root,
+//! ends up exactly as if that containerd had pulled the images itself, without
+//! copying a byte. Needs root.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use coral_seed::{SeedLayout, SeedManifest};
+use coral_tests::containerd::{self, Containerd};
+use coral_tests::cri;
+use coral_tests::fixtures::Corpus;
+use coral_tests::process::run;
+use coral_tests::seed::{Mounted, build};
+use coral_tests::treecmp::{self, Options};
+use coral_tests::workspace_bin;
+use k8s_cri::v1 as criv1;
+
+const IMAGES: &[&str] = &["minbase", "layered", "layered-zstd", "multiarch", "tiny"];
+
+/// What CRI says about every image: id -> (sorted tags, sorted digests).
+async fn cri_images(c: &Containerd) -> Result<BTreeMap<String, (Vec<String>, Vec<String>)>> {
+    let mut svc = cri::image_service(c.address()).await?;
+    let list = svc
+        .list_images(criv1::ListImagesRequest { filter: None })
+        .await?
+        .into_inner()
+        .images;
+    Ok(list
+        .into_iter()
+        .map(|i| {
+            let (mut t, mut d) = (i.repo_tags, i.repo_digests);
+            t.sort();
+            d.sort();
+            (i.id, (t, d))
+        })
+        .collect())
+}
+
+fn statvfs_used(path: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok((s.f_blocks - s.f_bfree) * s.f_frsize)
+}
+
+/// (st_dev, st_ino) of every blob and of every layer tree's root and first file.
+fn inodes(root: &Path, m: &SeedManifest) -> Result<BTreeMap<String, (u64, u64)>> {
+    let layout = SeedLayout::new(root);
+    let mut out = BTreeMap::new();
+    for img in &m.images {
+        for l in &img.layers {
+            let md = std::fs::metadata(layout.blob(&l.digest))?;
+            out.insert(l.digest.to_string(), (md.dev(), md.ino()));
+            let tree = layout.layer(&l.chain_id);
+            let md = std::fs::metadata(&tree)?;
+            out.insert(format!("tree {}", l.chain_id), (md.dev(), md.ino()));
+        }
+    }
+    Ok(out)
+}
+
+/// Where each recorded inode is after the import: blobs in the content
+/// store, trees as snapshot directories.
+fn inodes_after(root: &Path) -> Result<BTreeMap<(u64, u64), PathBuf>> {
+    let mut out = BTreeMap::new();
+    let blobs = root.join("io.containerd.content.v1.content/blobs/sha256");
+    for e in std::fs::read_dir(&blobs)? {
+        let e = e?;
+        let md = e.metadata()?;
+        out.insert((md.dev(), md.ino()), e.path());
+    }
+    let snaps = root.join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    for e in std::fs::read_dir(&snaps)? {
+        let fs = e?.path().join("fs");
+        if let Ok(md) = std::fs::metadata(&fs) {
+            out.insert((md.dev(), md.ino()), fs);
+        }
+    }
+    Ok(out)
+}
+
+static VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Mounts containerd's view of the committed snapshot `chain` at `at`.
+async fn containerd_view(c: &Containerd, chain: &str, at: &Path) -> Result<()> {
+    use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
+    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+    use containerd_client::with_namespace;
+    use tonic::Request;
+    let mut snaps = SnapshotsClient::new(c.channel().await?);
+    let req = ViewSnapshotRequest {
+        snapshotter: "overlayfs".into(),
+        key: format!(
+            "coral-test-view-{}",
+            VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+        parent: chain.into(),
+        labels: [(
+            "containerd.io/gc.root".to_string(),
+            "coral-test".to_string(),
+        )]
+        .into(),
+    };
+    let mounts = snaps
+        .view(with_namespace!(req, "k8s.io"))
+        .await
+        .with_context(|| format!("View of {chain}"))?
+        .into_inner()
+        .mounts;
+    std::fs::create_dir_all(at)?;
+    let m = &mounts[0];
+    let opts: Vec<String> = m
+        .options
+        .iter()
+        .filter(|o| o.as_str() != "rbind")
+        .cloned()
+        .collect();
+    let mut cmd = Command::new("mount");
+    if m.r#type == "bind" {
+        cmd.args(["--bind", "-o", "ro"]).arg(&m.source).arg(at);
+    } else {
+        cmd.args(["-t", &m.r#type, &m.source, "-o", &opts.join(",")])
+            .arg(at);
+    }
+    run(&mut cmd)?;
+    Ok(())
+}
+
+async fn check_runs(c: &Containerd, corpus: &Corpus, reg_host: &str) -> Result<()> {
+    for image in corpus
+        .images
+        .iter()
+        .filter(|i| i.run.is_some() && IMAGES.contains(&i.name.as_str()))
+    {
+        let check = image.run.as_ref().expect("filtered");
+        let reference = format!("{reg_host}/{}:latest", Corpus::repository(&image.name));
+        let out = run(c
+            .ctr()
+            .args([
+                "--namespace",
+                "k8s.io",
+                "run",
+                "--rm",
+                &reference,
+                &format!("t-{}", image.name),
+            ])
+            .args(&check.argv))
+        .with_context(|| {
+            format!(
+                "running {reference} on containerd {}; log:\n{}",
+                c.build.version,
+                c.log_tail()
+            )
+        })?;
+        ensure!(
+            out == check.stdout,
+            "{reference} printed {out:?}, expected {:?}",
+            check.stdout
+        );
+    }
+    Ok(())
+}
+
+fn images_check(c: &Containerd) -> Result<()> {
+    let out = run(c.ctr().args(["--namespace", "k8s.io", "images", "check"]))?;
+    for line in out.lines().skip(1) {
+        ensure!(
+            line.contains("complete"),
+            "ctr images check on containerd {}: {line}",
+            c.build.version
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let node = workspace_bin("coral-node-mounter")?;
+
+    for b in &containerd::available()? {
+        // The reference: the same containerd pulling from the registry.
+        let pulled = Containerd::start(b, &[&reg]).await?;
+        let mut svc = cri::image_service(pulled.address()).await?;
+        for name in IMAGES {
+            cri::pull(
+                &mut svc,
+                &format!("{}/{}:latest", reg.host(), Corpus::repository(name)),
+            )
+            .await?;
+        }
+        let want = cri_images(&pulled).await?;
+
+        // The node: a copy of the volume mounted as a fresh containerd's root.
+        let image = work.path().join(format!("node-{}.img", b.version));
+        std::fs::copy(&built, &image)?;
+        let vol = Mounted::read_write(&image)?;
+        let m: SeedManifest =
+            SeedManifest::from_json(&std::fs::read(SeedLayout::new(&vol.0).manifest())?)?;
+        let before = inodes(&vol.0, &m)?;
+        let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+        let mut c = Containerd::start_with_root(b, &[&reg], state, vol.0.clone()).await?;
+        let used_before = statvfs_used(&vol.0)?;
+        let out = run(Command::new(&node)
+            .args(["import", "--json", "--address"])
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0))
+        .with_context(|| format!("import on containerd {}; log:\n{}", b.version, c.log_tail()))?;
+        let report: serde_json::Value = serde_json::from_str(&out)?;
+        let used_after = statvfs_used(&vol.0)?;
+
+        // No copies: every blob and tree is the same inode, now in containerd's place.
+        let after = inodes_after(&vol.0)?;
+        for (what, key) in &before {
+            let place = after.get(key).with_context(|| {
+                format!("{what} (inode {key:?}) is not in containerd's store: copied?")
+            })?;
+            ensure!(place.exists(), "{what}: {}", place.display());
+        }
+        let growth = used_after.saturating_sub(used_before) as f64 / used_before as f64;
+        ensure!(
+            growth < 0.01,
+            "containerd {}: used bytes grew {:.2}% during the import",
+            b.version,
+            growth * 100.0
+        );
+
+        // CRI sees the same images, IDs, tags and digests as after a pull.
+        let got = cri_images(&c).await?;
+        ensure!(
+            got == want,
+            "containerd {}: CRI after adopt:\n{got:#?}\nafter pull:\n{want:#?}",
+            b.version
+        );
+        images_check(&c)?;
+
+        // Each image's top snapshot looks the same as the pulled one.
+        for img in adopt_images(&m) {
+            let top = img.layers.last().expect("layers").chain_id.to_string();
+            let (a, p) = (
+                work.path().join("view-adopted"),
+                work.path().join("view-pulled"),
+            );
+            containerd_view(&c, &top, &a).await?;
+            containerd_view(&pulled, &top, &p).await?;
+            let opts = Options {
+                dir_mtimes: true,
+                ..Options::default()
+            };
+            let diffs = treecmp::diff(
+                "adopted",
+                &treecmp::snapshot(&a, &opts)?,
+                "pulled",
+                &treecmp::snapshot(&p, &opts)?,
+            );
+            let _ = Command::new("umount").arg(&a).status();
+            let _ = Command::new("umount").arg(&p).status();
+            ensure!(
+                diffs.is_empty(),
+                "containerd {}: {}: {}",
+                b.version,
+                img.reference,
+                diffs.join("\n")
+            );
+        }
+        check_runs(&c, corpus, &reg.host()).await?;
+
+        // Idempotent: a second import changes nothing.
+        let again: serde_json::Value = serde_json::from_str(&run(Command::new(&node)
+            .args(["import", "--json", "--address"])
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0))?)?;
+        ensure!(
+            again["blobsAdopted"] == 0 && again["layersAdopted"] == 0,
+            "second import: {again}"
+        );
+
+        // Still there after a restart and a garbage collection.
+        c.restart().await?;
+        let tiny_tag = format!("{}/{}:gc-bait", reg.host(), Corpus::repository("tiny"));
+        run(c
+            .ctr()
+            .args(["-n", "k8s.io", "images", "tag"])
+            .arg(format!(
+                "{}/{}:latest",
+                reg.host(),
+                Corpus::repository("tiny")
+            ))
+            .arg(&tiny_tag))?;
+        run(c
+            .ctr()
+            .args(["-n", "k8s.io", "images", "rm", "--sync", &tiny_tag]))?;
+        ensure!(
+            cri_images(&c).await? == want,
+            "containerd {}: images changed after restart + GC",
+            b.version
+        );
+        images_check(&c)?;
+        check_runs(&c, corpus, &reg.host()).await?;
+        println!("containerd {}: adopt report {report}", b.version);
+        drop(c);
+        drop(vol);
+    }
+    Ok(())
+}
+
+fn adopt_images(m: &SeedManifest) -> Vec<&coral_seed::SeedImage> {
+    m.images
+        .iter()
+        .filter(|i| i.platform.to_string() == "linux/amd64")
+        .collect()
+}
+
+#[tokio::test]
+async fn adopt_refuses_a_volume_other_than_the_one_expected() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, &["tiny"], &["linux/amd64"], &built, &[])?;
+    let vol = Mounted::read_write(&built)?;
+    let b = containerd::available()?
+        .into_iter()
+        .next()
+        .context("containerd")?;
+    let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+    let c = Containerd::start_with_root(&b, &[&reg], state, vol.0.clone()).await?;
+    let wrong = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let out = Command::new(workspace_bin("coral-node-mounter")?)
+        .args(["import", "--expect", wrong, "--address"])
+        .arg(c.address())
+        .arg("--seed")
+        .arg(&vol.0)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("expects") && err.contains(wrong),
+        "{err}"
+    );
+    if !cri_images(&c).await?.is_empty() {
+        bail!("images were registered from a refused volume");
+    }
+    Ok(())
+}
