@@ -1,0 +1,240 @@
+//! Retries, proven: the builder talks to the registry through a proxy that
+//! resets connections, answers 5xx, stalls and cuts bodies short. With
+//! bounded faults the build completes and gives the same image as a clean
+//! build; with endless faults it fails with a clear message. Needs root.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use coral_tests::faultproxy::{Fault, FaultPlan, FaultProxy, When};
+use coral_tests::fixtures::Corpus;
+use coral_tests::process::run;
+use coral_tests::seed::build;
+use coral_tests::workspace_bin;
+use std::sync::atomic::Ordering;
+
+fn sha256_file(p: &std::path::Path) -> Result<String> {
+    let out = run(Command::new("sha256sum").arg(p))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[tokio::test]
+async fn the_proxy_passes_bytes_unchanged_and_each_fault_is_what_it_says() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let tiny = corpus.image("tiny");
+    let proxy = FaultProxy::start(&reg.host(), FaultPlan::none())?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let url = format!("http://{}/v2/coral/tiny/manifests/latest", proxy.host());
+    let accept =
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+    let get = || client.get(&url).header("accept", accept).send();
+
+    let body = get().await?.error_for_status()?.bytes().await?;
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body))
+    );
+    ensure!(
+        digest == tiny.digest,
+        "through the proxy the manifest hashes to {digest}, not {}",
+        tiny.digest
+    );
+
+    proxy.set_plan(FaultPlan::none().with(None, Fault::Reset, When::FirstN(1)));
+    let e = get().await.expect_err("a reset");
+    ensure!(
+        e.is_connect() || e.is_request() || e.to_string().contains("connection"),
+        "{e:?}"
+    );
+    ensure!(get().await?.status() == 200, "the second request passes");
+
+    proxy.set_plan(FaultPlan::none().with(None, Fault::Status(503), When::Always));
+    ensure!(get().await?.status() == 503);
+
+    proxy.set_plan(FaultPlan::none().with(
+        None,
+        Fault::Stall(Duration::from_secs(5)),
+        When::Always,
+    ));
+    ensure!(get().await.expect_err("a stall").is_timeout());
+
+    proxy.set_plan(FaultPlan::none().with(None, Fault::Truncate(0.5), When::Always));
+    let resp = get().await?;
+    ensure!(resp.content_length() == Some(body.len() as u64));
+    ensure!(
+        resp.bytes().await.is_err(),
+        "a truncated body reads as an error"
+    );
+
+    proxy.set_plan(FaultPlan::none().with(
+        Some("/manifests/"),
+        Fault::Status(500),
+        When::EveryKth(2),
+    ));
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(get().await?.status().as_u16());
+        }
+        v
+    };
+    ensure!(statuses == [200, 500, 200, 500], "{statuses:?}");
+    let c = &proxy.counters;
+    ensure!(
+        c.resets.load(Ordering::Relaxed) == 1 && c.truncations.load(Ordering::Relaxed) == 1,
+        "{c:?}"
+    );
+    ensure!(
+        c.statuses.load(Ordering::Relaxed) == 3 && c.stalls.load(Ordering::Relaxed) == 1,
+        "{c:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_build_through_resets_500s_stalls_and_short_bodies_completes_identically() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-faults-").tempdir()?;
+    let names = ["minbase", "layered", "tiny"];
+    let clean = work.path().join("clean.img");
+    build(&reg, &names, &["linux/amd64"], &clean, &[])?;
+
+    let plan = FaultPlan::none()
+        .with(Some("/manifests/"), Fault::Status(500), When::FirstN(2))
+        .with(Some("/blobs/"), Fault::Reset, When::FirstN(2))
+        .with(Some("/blobs/"), Fault::Truncate(0.4), When::EveryKth(3))
+        .with(
+            Some("/blobs/"),
+            Fault::StallMidBody(Duration::from_secs(30)),
+            When::EveryKth(5),
+        )
+        .with(None, Fault::Status(503), When::Probability(0.1, 42));
+    let proxy = FaultProxy::start(&reg.host(), plan)?;
+    let out = work.path().join("faulty.img");
+    let mut cmd = Command::new(workspace_bin("coral-builder")?);
+    cmd.args([
+        "build",
+        "--progress",
+        "none",
+        "--json",
+        "--platform",
+        "linux/amd64",
+    ])
+    .args([
+        "--insecure-registry",
+        &proxy.host(),
+        "--read-timeout",
+        "2s",
+        "--retries",
+        "8",
+    ])
+    .arg("--output")
+    .arg(&out);
+    for n in names {
+        cmd.arg("--image")
+            .arg(format!("{}/{}:latest", proxy.host(), Corpus::repository(n)));
+    }
+    let o = cmd.output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.success(),
+        "the build failed through the proxy:\n{stderr}"
+    );
+    ensure!(
+        proxy.counters.faults() >= 5,
+        "only {} faults were injected",
+        proxy.counters.faults()
+    );
+    ensure!(
+        stderr.contains("retrying") || stderr.contains("resuming"),
+        "no retry was logged:\n{stderr}"
+    );
+    // The registry host differs (the proxy's port), so the manifests differ;
+    // every blob and layer tree must not.
+    let (a, b) = (
+        coral_tests::seed::Mounted::new(&clean)?,
+        coral_tests::seed::Mounted::new(&out)?,
+    );
+    for dir in [".coral/blobs/sha256", ".coral/layers"] {
+        let opts = coral_tests::treecmp::Options {
+            dir_mtimes: true,
+            ..Default::default()
+        };
+        let diffs = coral_tests::treecmp::diff(
+            "clean",
+            &coral_tests::treecmp::snapshot(&a.0.join(dir), &opts)?,
+            "faulty",
+            &coral_tests::treecmp::snapshot(&b.0.join(dir), &opts)?,
+        );
+        ensure!(diffs.is_empty(), "{dir}: {}", diffs.join("\n"));
+    }
+    ensure!(
+        Command::new(workspace_bin("coral-builder")?)
+            .arg("verify")
+            .arg(&out)
+            .status()?
+            .success()
+    );
+    let _ = sha256_file(&out)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn endless_faults_fail_the_build_with_a_clear_message_and_no_output() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-faults-").tempdir()?;
+    for (fault, needle) in [
+        (Fault::Status(503), "HTTP 503"),
+        (Fault::Reset, "gave up after 3 attempts"),
+        (
+            Fault::Stall(Duration::from_secs(60)),
+            "gave up after 3 attempts",
+        ),
+    ] {
+        let proxy = FaultProxy::start(
+            &reg.host(),
+            FaultPlan::none().with(None, fault.clone(), When::Always),
+        )?;
+        let out = work.path().join("never.img");
+        let started = std::time::Instant::now();
+        let o = Command::new(workspace_bin("coral-builder")?)
+            .args([
+                "build",
+                "--progress",
+                "none",
+                "--platform",
+                "linux/amd64",
+                "--retries",
+                "2",
+            ])
+            .args(["--read-timeout", "1s", "--deadline", "60s"])
+            .args(["--insecure-registry", &proxy.host()])
+            .args(["--image", &format!("{}/coral/tiny:latest", proxy.host())])
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .context("running the builder")?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        ensure!(!o.status.success(), "{fault:?}: the build succeeded");
+        ensure!(
+            stderr.contains(needle) && stderr.contains("coral/tiny"),
+            "{fault:?}: {stderr}"
+        );
+        ensure!(!out.exists(), "{fault:?}: an output was left");
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "{fault:?}: not bounded by the deadline"
+        );
+    }
+    Ok(())
+}
