@@ -115,13 +115,14 @@ impl FaultProxy {
             std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
-        let seed = match plan.rules.iter().find_map(|r| match r.when {
-            When::Probability(_, s) => Some(s),
-            _ => None,
-        }) {
-            Some(s) => s,
-            None => 1,
-        };
+        let seed = plan
+            .rules
+            .iter()
+            .find_map(|r| match r.when {
+                When::Probability(_, s) => Some(s),
+                _ => None,
+            })
+            .unwrap_or(1);
         let state = Arc::new(Mutex::new(State {
             seen: vec![0; plan.rules.len()],
             plan,
@@ -208,7 +209,7 @@ fn decide(state: &Mutex<State>, path: &str) -> Option<Fault> {
         let n = s.seen[i];
         let fire = match rule.when {
             When::FirstN(k) => n <= k,
-            When::EveryKth(k) => k > 0 && n % k == 0,
+            When::EveryKth(k) => k > 0 && n.is_multiple_of(k),
             When::Probability(p, _) => {
                 // xorshift64*
                 let mut x = s.rng;
@@ -293,6 +294,9 @@ async fn handle(
     match &fault {
         Some(Fault::Reset) => {
             c.resets.fetch_add(1, Ordering::Relaxed);
+            // A zero linger sends a RST on close and never blocks (the
+            // deprecation is about non-zero lingers blocking in drop).
+            #[allow(deprecated)]
             client.set_linger(Some(Duration::ZERO))?;
             drop(client);
             return Ok(());
