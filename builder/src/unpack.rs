@@ -18,6 +18,19 @@
 //!   `max_bytes`, the bound the same files would meet stored dense.
 //! - A GNU PAX sparse entry of a version other than 0.0, 0.1 and 1.0 is
 //!   rejected (Go's reader extracts it raw, under its placeholder name).
+//! - An owner ID that is negative or does not fit in 32 bits, or is
+//!   4294967295 (`(uid_t)-1`, which chown(2) takes as "leave unchanged"), is
+//!   rejected: containerd hands it to lchown, which keeps the low 32 bits, so
+//!   `uid=4294967296` would make the file root's.
+//!
+//! As Go's reader does, a PAX extended header (local or global) or a GNU
+//! long name or long link name larger than 1 MiB is refused; it is checked
+//! as its header block arrives, before the `tar` crate would buffer it.
+//!
+//! Times are set as containerd sets them: PAX times keep their nanoseconds,
+//! the access time is the later of the entry's access time (PAX `atime`, or
+//! a GNU or star header's) and its modification time, and a time before the
+//! epoch or past what `int64` nanoseconds hold becomes the epoch.
 //!
 //! GNU tar's PAX sparse files (`--sparse`, versions 0.0, 0.1 and 1.0), which
 //! the `tar` crate hands over unexpanded, are expanded here as Go's
@@ -29,7 +42,7 @@
 //! and never writes outside `dest`. It is blocking code: run it off the async
 //! runtime.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -58,6 +71,9 @@ const TAR_BLOCK: u64 = 512;
 /// of a real file; a hostile map of minimal "0\n" tokens parses into at most
 /// 4 MiB of chunk list.
 const MAX_SPARSE_MAP: u64 = 1 << 20;
+/// Largest PAX extended header or GNU long name/link entry accepted: Go's
+/// `maxSpecialFileSize` (containerd's reader refuses larger ones).
+const MAX_SPECIAL_FILE: u64 = 1 << 20;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +135,21 @@ pub enum UnpackError {
         size: u64,
         limit: u64,
     },
+    #[error(
+        "layer {layer}: {} (at byte {offset} of the stream) is a {kind} of {size} bytes, \
+         more than the limit of {limit} bytes (Go's archive/tar, containerd's reader, \
+         refuses it too)",
+        .entry.as_ref().map_or_else(|| "an unnamed entry".to_owned(), |e| format!("entry {e:?}"))
+    )]
+    HeaderTooLarge {
+        layer: String,
+        /// The name in the extension entry's own header, if it has one.
+        entry: Option<String>,
+        kind: &'static str,
+        offset: u64,
+        size: u64,
+        limit: u64,
+    },
     #[error("layer {layer}: reading the layer stream: {source}")]
     Read {
         layer: String,
@@ -163,24 +194,165 @@ pub struct UnpackedLayer {
     pub implicit_dirs: Vec<PathBuf>,
 }
 
-/// Hashes, counts and bounds the uncompressed stream as the tar reader pulls it.
+/// Hashes, counts and bounds the uncompressed stream as the tar reader pulls
+/// it, and checks the size of extension entries as their headers arrive.
 struct Metered<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
     limit: u64,
-    exceeded: Rc<Cell<bool>>,
+    shared: Rc<Shared>,
+    /// The header block being gathered, while watching headers.
+    header: tar::Header,
+    filled: usize,
+    /// Stream offset of the next header block to check, if any.
+    next_header: Option<u64>,
+}
+
+/// State shared between [`Metered`] (owned by the tar reader) and the loop
+/// over the entries.
+struct Shared {
+    exceeded: Cell<bool>,
+    watch: Cell<Watch>,
+    /// Why a read was refused by the header watch.
+    refused: RefCell<Option<Refused>>,
+}
+
+/// What [`Metered`] makes of the bytes it passes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watch {
+    /// Entry data, read by the extractor: not looked at.
+    Data,
+    /// The tar reader is about to look for the next entry: its header starts
+    /// at the next block boundary (the extractor reads each entry's data to
+    /// its end first, so only padding lies before it).
+    Arm,
+    /// Header blocks (and the data of the extension entries among them).
+    Headers,
+}
+
+/// An extension entry refused for its size.
+struct Refused {
+    entry: Option<String>,
+    kind: &'static str,
+    offset: u64,
+    size: u64,
+}
+
+impl<R> Metered<R> {
+    fn new(inner: R, limit: u64, shared: Rc<Shared>) -> Metered<R> {
+        Metered {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+            limit,
+            shared,
+            header: tar::Header::new_old(),
+            filled: 0,
+            next_header: None,
+        }
+    }
+
+    /// Follows the header blocks in `bytes` (which start at stream offset
+    /// `pos`) while the tar reader looks for an entry: the blocks of GNU long
+    /// names and links and of PAX headers, which the reader takes whole into
+    /// memory, and the data of each, up to the next header. An extension
+    /// entry larger than [`MAX_SPECIAL_FILE`] fails the read that completes
+    /// its header block, before the reader has seen its size.
+    fn watch(&mut self, mut pos: u64, mut bytes: &[u8]) -> io::Result<()> {
+        match self.shared.watch.get() {
+            Watch::Data => return Ok(()),
+            Watch::Arm => {
+                self.shared.watch.set(Watch::Headers);
+                self.next_header = Some(pos.next_multiple_of(TAR_BLOCK));
+                self.filled = 0;
+            }
+            Watch::Headers => {}
+        }
+        while let Some(at) = self.next_header {
+            if bytes.is_empty() {
+                break;
+            }
+            let here = at + self.filled as u64;
+            if pos < here {
+                // Padding, or the data of an extension entry.
+                let skip = (here - pos).min(bytes.len() as u64) as usize;
+                pos += skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let block = self.header.as_mut_bytes();
+            let n = (block.len() - self.filled).min(bytes.len());
+            block[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            pos += n as u64;
+            bytes = &bytes[n..];
+            if self.filled == block.len() {
+                self.filled = 0;
+                self.next_header = self.check_header(at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the header block gathered at offset `at`; returns where the
+    /// next header the tar reader reads in the same search starts, if any.
+    fn check_header(&self, at: u64) -> io::Result<Option<u64>> {
+        let h = &self.header;
+        let kind = match h.entry_type() {
+            EntryType::XHeader => "PAX extended header",
+            EntryType::XGlobalHeader => "PAX global extended header",
+            EntryType::GNULongName => "GNU long name entry",
+            EntryType::GNULongLink => "GNU long link name entry",
+            // An entry proper (or the end of the archive): the search ends.
+            _ => return Ok(None),
+        };
+        // A corrupt header is the tar reader's to report, as it does.
+        let bytes = h.as_bytes();
+        let sum = bytes[..148]
+            .iter()
+            .chain(&bytes[156..])
+            .map(|b| u32::from(*b))
+            .sum::<u32>()
+            + 8 * u32::from(b' ');
+        if h.cksum().ok() != Some(sum) {
+            return Ok(None);
+        }
+        let Ok(size) = h.entry_size() else {
+            return Ok(None);
+        };
+        if size > MAX_SPECIAL_FILE {
+            let name = h.path_bytes();
+            *self.shared.refused.borrow_mut() = Some(Refused {
+                entry: (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned()),
+                kind,
+                offset: at,
+                size,
+            });
+            return Err(io::Error::other(format!(
+                "a {kind} of {size} bytes, more than {MAX_SPECIAL_FILE}"
+            )));
+        }
+        Ok(match h.entry_type() {
+            // The reader hands a global header over as an entry.
+            EntryType::XGlobalHeader => None,
+            // The others it reads whole, then reads the next header.
+            _ => Some(at + TAR_BLOCK + size.next_multiple_of(TAR_BLOCK)),
+        })
+    }
 }
 
 impl<R: Read> Read for Metered<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        let start = self.count;
         self.count += n as u64;
         if self.count > self.limit {
-            self.exceeded.set(true);
+            self.shared.exceeded.set(true);
             return Err(io::Error::other("uncompressed size limit exceeded"));
         }
         self.hasher.update(&buf[..n]);
+        self.watch(start, &buf[..n])?;
         Ok(n)
     }
 }
@@ -206,19 +378,27 @@ pub fn unpack_layer(
             })?)
         }
     };
-    let exceeded = Rc::new(Cell::new(false));
-    let metered = Metered {
-        inner: stream,
-        hasher: Sha256::new(),
-        count: 0,
-        limit: opts.max_bytes,
-        exceeded: exceeded.clone(),
-    };
+    let shared = Rc::new(Shared {
+        exceeded: Cell::new(false),
+        watch: Cell::new(Watch::Data),
+        refused: RefCell::new(None),
+    });
+    let metered = Metered::new(stream, opts.max_bytes, shared.clone());
+    let exceeded = || shared.exceeded.get();
     let read_err = |source: io::Error| {
-        if exceeded.get() {
+        if exceeded() {
             UnpackError::TooLarge {
                 layer: layer.clone(),
                 limit: opts.max_bytes,
+            }
+        } else if let Some(r) = shared.refused.borrow_mut().take() {
+            UnpackError::HeaderTooLarge {
+                layer: layer.clone(),
+                entry: r.entry,
+                kind: r.kind,
+                offset: r.offset,
+                size: r.size,
+                limit: MAX_SPECIAL_FILE,
             }
         } else {
             UnpackError::Read {
@@ -247,18 +427,25 @@ pub fn unpack_layer(
 
     let mut archive = tar::Archive::new(metered);
     {
-        let entries = archive.entries().map_err(read_err)?;
-        for entry in entries {
-            let entry = entry.map_err(read_err)?;
-            x.entry(entry).map_err(|e| match e {
+        let mut entries = archive.entries().map_err(read_err)?;
+        loop {
+            shared.watch.set(Watch::Arm);
+            let next = entries.next();
+            shared.watch.set(Watch::Data);
+            let Some(entry) = next else {
+                break;
+            };
+            let mut entry = entry.map_err(read_err)?;
+            x.entry(&mut entry).map_err(|e| match e {
                 // A read error surfaced while copying file content.
-                UnpackError::Write { source, .. } if exceeded.get() => read_err(source),
+                UnpackError::Write { source, .. } if exceeded() => read_err(source),
                 // Or while reading a sparse map.
-                UnpackError::Invalid { what, .. } if exceeded.get() => {
-                    read_err(io::Error::other(what))
-                }
+                UnpackError::Invalid { what, .. } if exceeded() => read_err(io::Error::other(what)),
                 other => other,
             })?;
+            // What the extractor left of the entry's data (the tar reader
+            // would skip it): the next header then starts at the next block.
+            io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
         }
     }
     // The diff ID covers the whole stream, including what follows the
@@ -267,12 +454,16 @@ pub fn unpack_layer(
     io::copy(&mut metered, &mut io::sink()).map_err(read_err)?;
 
     // Directory times last: writing entries into a directory changes its mtime.
-    for (path, mtime) in x.dir_times.iter().rev() {
-        set_times(path, *mtime).map_err(|source| x.write_err("", path, source))?;
+    for (path, times) in x.dir_times.iter().rev() {
+        set_times(path, *times).map_err(|source| x.write_err("", path, source))?;
     }
     for rel in &x.implicit_dirs {
         let path = opts.dest.join(rel);
-        set_times(&path, 0).map_err(|source| x.write_err("", &path, source))?;
+        let epoch = Times {
+            atime: TarTime::EPOCH,
+            mtime: TarTime::EPOCH,
+        };
+        set_times(&path, epoch).map_err(|source| x.write_err("", &path, source))?;
     }
 
     Ok(UnpackedLayer {
@@ -292,7 +483,7 @@ struct Extractor<'a> {
     sparse_bytes: u64,
     file_bytes: u64,
     implicit_dirs: Vec<PathBuf>,
-    dir_times: Vec<(PathBuf, i64)>,
+    dir_times: Vec<(PathBuf, Times)>,
 }
 
 /// Metadata of one entry, with PAX overrides applied.
@@ -300,8 +491,94 @@ struct Meta {
     uid: u32,
     gid: u32,
     mode: u32,
-    mtime: i64,
+    times: Times,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A point in time as Go's `time.Time` holds a tar entry's: seconds since
+/// the epoch, and nanoseconds in `0..1_000_000_000`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TarTime {
+    sec: i64,
+    nsec: u32,
+}
+
+impl TarTime {
+    const EPOCH: TarTime = TarTime { sec: 0, nsec: 0 };
+    /// containerd's `maxTime`, `time.Unix(0, 1<<63-1)`: the latest time
+    /// `int64` nanoseconds hold.
+    const MAX: TarTime = TarTime {
+        sec: i64::MAX / 1_000_000_000,
+        nsec: (i64::MAX % 1_000_000_000) as u32,
+    };
+
+    fn from_secs(sec: i64) -> TarTime {
+        TarTime { sec, nsec: 0 }
+    }
+
+    /// Go's `time.Unix(sec, nsec)` for `nsec` in `-999_999_999..=999_999_999`.
+    fn unix(sec: i64, nsec: i64) -> TarTime {
+        if nsec < 0 {
+            TarTime {
+                sec: sec.wrapping_sub(1),
+                nsec: (nsec + 1_000_000_000) as u32,
+            }
+        } else {
+            TarTime {
+                sec,
+                nsec: nsec as u32,
+            }
+        }
+    }
+
+    /// What Go compares times by: seconds since year 1 (as `int64`, wrapping
+    /// as Go's arithmetic does for absurd values), then nanoseconds.
+    fn key(self) -> (i64, u32) {
+        const UNIX_TO_INTERNAL: i64 = 62_135_596_800;
+        (self.sec.wrapping_add(UNIX_TO_INTERNAL), self.nsec)
+    }
+
+    /// containerd's `boundTime`: a time it cannot set becomes the epoch.
+    fn bound(self) -> TarTime {
+        if self.key() < TarTime::EPOCH.key() || self.key() > TarTime::MAX.key() {
+            TarTime::EPOCH
+        } else {
+            self
+        }
+    }
+
+    fn timespec(self) -> Timespec {
+        Timespec {
+            tv_sec: self.sec,
+            tv_nsec: self.nsec.into(),
+        }
+    }
+}
+
+/// The access and modification times to give an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Times {
+    atime: TarTime,
+    mtime: TarTime,
+}
+
+impl Times {
+    /// As containerd sets them: `chtimes(path, boundTime(latestTime(atime,
+    /// mtime)), boundTime(mtime))`. An entry without an access time has Go's
+    /// zero time there, which `latestTime` passes over for any mtime it
+    /// would not bound to the epoch anyway.
+    fn containerd(atime: Option<TarTime>, mtime: TarTime) -> Times {
+        let atime = atime.unwrap_or(mtime);
+        let latest = if atime.key() < mtime.key() {
+            mtime
+        } else {
+            atime
+        };
+        Times {
+            atime: latest.bound(),
+            mtime: mtime.bound(),
+        }
+    }
 }
 
 /// Which GNU PAX sparse format an entry uses.
@@ -433,6 +710,9 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
+    /// The entry's metadata: its header's, with its PAX records applied as
+    /// Go's reader applies them (the last record of a key wins; an empty
+    /// value keeps the header's).
     fn meta<R: Read>(
         &self,
         entry: &mut tar::Entry<'_, R>,
@@ -441,13 +721,17 @@ impl<'a> Extractor<'a> {
         let h = entry.header();
         let bad =
             |what: &str, e: io::Error| self.invalid(name, format!("bad {what} in header: {e}"));
-        let mut m = Meta {
-            uid: h.uid().map_err(|e| bad("uid", e))? as u32,
-            gid: h.gid().map_err(|e| bad("gid", e))? as u32,
-            mode: h.mode().map_err(|e| bad("mode", e))? & 0o7777,
-            mtime: h.mtime().map_err(|e| bad("mtime", e))? as i64,
-            xattrs: Vec::new(),
-        };
+        let header_uid = h.uid().map_err(|e| bad("uid", e))?;
+        let header_gid = h.gid().map_err(|e| bad("gid", e))?;
+        let mode = h.mode().map_err(|e| bad("mode", e))? & 0o7777;
+        let header_mtime = h.mtime().map_err(|e| bad("mtime", e))?;
+        let header_atime = header_atime(h).map_err(|what| self.invalid(name, what))?;
+
+        // (first, last) record of each key that matters here.
+        let mut uid: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut gid: Option<(Vec<u8>, Vec<u8>)> = None;
+        let (mut mtime, mut atime, mut ctime) = (None, None, None);
+        let mut xattrs = Vec::new();
         if let Some(pax) = entry
             .pax_extensions()
             .map_err(|e| bad("PAX extensions", e))?
@@ -456,32 +740,92 @@ impl<'a> Extractor<'a> {
                 let ext = ext.map_err(|e| bad("PAX record", e))?;
                 let key = ext.key_bytes();
                 let value = ext.value_bytes();
-                let num = |v: &[u8]| {
-                    std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.split('.').next()?.parse::<i64>().ok())
-                };
                 match key {
-                    b"uid" => {
-                        m.uid = num(value).ok_or_else(|| self.invalid(name, "bad PAX uid"))? as u32
+                    b"uid" | b"gid" => {
+                        let slot = if key == b"uid" { &mut uid } else { &mut gid };
+                        match slot {
+                            Some((_, last)) => *last = value.to_vec(),
+                            None => *slot = Some((value.to_vec(), value.to_vec())),
+                        }
                     }
-                    b"gid" => {
-                        m.gid = num(value).ok_or_else(|| self.invalid(name, "bad PAX gid"))? as u32
-                    }
-                    b"mtime" => {
-                        m.mtime = num(value).ok_or_else(|| self.invalid(name, "bad PAX mtime"))?
-                    }
+                    b"mtime" => mtime = Some(value.to_vec()),
+                    b"atime" => atime = Some(value.to_vec()),
+                    b"ctime" => ctime = Some(value.to_vec()),
                     k if k.starts_with(PAX_XATTR.as_bytes()) => {
                         let attr = &k[PAX_XATTR.len()..];
                         if !attr.starts_with(b"trusted.") {
-                            m.xattrs.push((attr.to_vec(), value.to_vec()));
+                            xattrs.push((attr.to_vec(), value.to_vec()));
                         }
                     }
                     _ => {}
                 }
             }
         }
-        Ok(m)
+
+        let time = |key: &str, value: Option<Vec<u8>>| -> Result<Option<TarTime>, UnpackError> {
+            match value {
+                Some(v) if !v.is_empty() => parse_pax_time(&v).map(Some).ok_or_else(|| {
+                    self.invalid(
+                        name,
+                        format!("bad PAX {key} {:?}", String::from_utf8_lossy(&v)),
+                    )
+                }),
+                _ => Ok(None),
+            }
+        };
+        let mtime = time("mtime", mtime)?.unwrap_or(TarTime::from_secs(header_mtime as i64));
+        let atime = time("atime", atime)?.or(header_atime);
+        // Go's reader refuses a malformed ctime too; it is not applied.
+        time("ctime", ctime)?;
+
+        let owner = |key: &str, header: u64, records: Option<(Vec<u8>, Vec<u8>)>| {
+            let (value, whence) = match records {
+                Some((_, last)) if !last.is_empty() => {
+                    let v = std::str::from_utf8(&last)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .ok_or_else(|| {
+                            self.invalid(
+                                name,
+                                format!("bad PAX {key} {:?}", String::from_utf8_lossy(&last)),
+                            )
+                        })?;
+                    (i128::from(v), "its PAX header")
+                }
+                // The tar crate has put the first record in the header if it
+                // is a number; Go would keep the header's own value.
+                Some((first, _))
+                    if std::str::from_utf8(&first).is_ok_and(|s| s.parse::<u64>().is_ok()) =>
+                {
+                    return Err(self.invalid(
+                        name,
+                        format!("has conflicting PAX {key} records (the last one is empty)"),
+                    ));
+                }
+                _ => (i128::from(header), "its header"),
+            };
+            // u32::MAX is (uid_t)-1: chown(2) would leave the owner unchanged.
+            u32::try_from(value)
+                .ok()
+                .filter(|v| *v != u32::MAX)
+                .ok_or_else(|| {
+                    self.invalid(
+                        name,
+                        format!(
+                            "has {key} {value} (from {whence}), which is not a valid owner \
+                             ID: owner IDs are 0 to 4294967294; refusing it rather than \
+                             cutting it to 32 bits"
+                        ),
+                    )
+                })
+        };
+        Ok(Meta {
+            uid: owner("uid", header_uid, uid)?,
+            gid: owner("gid", header_gid, gid)?,
+            mode,
+            times: Times::containerd(atime, mtime),
+            xattrs,
+        })
     }
 
     /// The entry's GNU PAX sparse records, or `None` if it is not a PAX
@@ -650,7 +994,7 @@ impl<'a> Extractor<'a> {
         Ok(SparsePlan { size, chunks })
     }
 
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
         if matches!(
             kind,
@@ -662,7 +1006,7 @@ impl<'a> Extractor<'a> {
             return Ok(());
         }
         let mut raw_name = entry.path_bytes().into_owned();
-        let sparse = self.sparse_records(&mut entry, kind, &String::from_utf8_lossy(&raw_name))?;
+        let sparse = self.sparse_records(entry, kind, &String::from_utf8_lossy(&raw_name))?;
         // The header names a placeholder (`dir/GNUSparseFile.0/file`); the
         // real name goes through the same checks as any other.
         if let Some(n) = sparse.as_ref().and_then(|s| s.name.clone()) {
@@ -674,10 +1018,10 @@ impl<'a> Extractor<'a> {
         };
         // Validated before anything is written, as Go's reader does.
         let sparse = match sparse {
-            Some(records) => Some(self.sparse_plan(&name, records, &mut entry)?),
+            Some(records) => Some(self.sparse_plan(&name, records, entry)?),
             None => None,
         };
-        let meta = self.meta(&mut entry, &name)?;
+        let meta = self.meta(entry, &name)?;
         let base = rel
             .file_name()
             .map(|b| b.to_string_lossy().into_owned())
@@ -736,8 +1080,8 @@ impl<'a> Extractor<'a> {
                     .open(&path)
                     .map_err(|e| werr(self, e))?;
                 let n = match &sparse {
-                    Some(plan) => write_sparse(&mut entry, &mut f, plan).map(|()| plan.size),
-                    None => copy_sparse(&mut entry, &mut f),
+                    Some(plan) => write_sparse(entry, &mut f, plan).map(|()| plan.size),
+                    None => copy_sparse(entry, &mut f),
                 }
                 .map_err(|e| werr(self, e))?;
                 self.file_bytes += n;
@@ -817,7 +1161,7 @@ impl<'a> Extractor<'a> {
 
         self.apply_meta(&name, &path, &meta, true)?;
         if kind == EntryType::Directory {
-            self.dir_times.push((path, meta.mtime));
+            self.dir_times.push((path, meta.times));
         }
         Ok(())
     }
@@ -882,7 +1226,7 @@ impl<'a> Extractor<'a> {
         if chmod && !is_symlink(path) {
             set_mode(path, meta.mode).map_err(werr)?;
         }
-        set_times(path, meta.mtime).map_err(werr)
+        set_times(path, meta.times).map_err(werr)
     }
 }
 
@@ -897,17 +1241,13 @@ fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// Sets atime and mtime (not following symlinks).
-fn set_times(path: &Path, mtime: i64) -> io::Result<()> {
-    let t = Timespec {
-        tv_sec: mtime,
-        tv_nsec: 0,
-    };
+fn set_times(path: &Path, times: Times) -> io::Result<()> {
     rustix::fs::utimensat(
         CWD,
         path,
         &Timestamps {
-            last_access: t,
-            last_modification: t,
+            last_access: times.atime.timespec(),
+            last_modification: times.mtime.timespec(),
         },
         AtFlags::SYMLINK_NOFOLLOW,
     )
@@ -979,6 +1319,95 @@ fn write_sparse(src: &mut impl Read, dst: &mut File, plan: &SparsePlan) -> io::R
         }
     }
     dst.set_len(plan.size)
+}
+
+/// A PAX `mtime`, `atime` or `ctime` as Go's `parsePAXTime` reads it:
+/// decimal seconds (signed), optionally a point and decimal digits, of
+/// which the first nine count (the rest are cut off, not rounded); the
+/// fraction of a negative time counts towards the past.
+fn parse_pax_time(v: &[u8]) -> Option<TarTime> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    // As Go's strconv.ParseInt: an optional sign, then digits.
+    let sec: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = &frac.as_bytes()[..frac.len().min(9)];
+    let nsec = digits
+        .iter()
+        .chain(std::iter::repeat_n(&b'0', 9 - digits.len()))
+        .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+    Some(if secs.starts_with('-') {
+        TarTime::unix(sec, -nsec)
+    } else {
+        TarTime::unix(sec, nsec)
+    })
+}
+
+/// A numeric header field as Go's reader parses it: base-256 (two's
+/// complement, when the top bit of the first byte is set) or octal between
+/// spaces and NULs (empty is 0). `None` where Go reports a bad header.
+fn parse_numeric(b: &[u8]) -> Option<i64> {
+    if b.first().is_some_and(|c| c & 0x80 != 0) {
+        let inv = if b[0] & 0x40 != 0 { 0xff } else { 0 };
+        let mut x = 0u64;
+        for (i, &c) in b.iter().enumerate() {
+            let c = if i == 0 { (c ^ inv) & 0x7f } else { c ^ inv };
+            if x >> 56 > 0 {
+                return None;
+            }
+            x = x << 8 | u64::from(c);
+        }
+        if x >> 63 > 0 {
+            return None;
+        }
+        return Some(if inv == 0xff { !(x as i64) } else { x as i64 });
+    }
+    let trim = |c: &u8| *c == b' ' || *c == 0;
+    let start = b.iter().position(|c| !trim(c)).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !trim(c)).map_or(start, |e| e + 1);
+    let field = &b[start..end];
+    if field.is_empty() {
+        return Some(0);
+    }
+    // Go reads up to the first NUL left inside.
+    let digits = &field[..field.iter().position(|c| *c == 0).unwrap_or(field.len())];
+    if digits.is_empty() || !digits.iter().all(|c| (b'0'..=b'7').contains(c)) {
+        return None;
+    }
+    digits
+        .iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(8)?.checked_add(u64::from(d - b'0'))
+        })
+        .map(|x| x as i64)
+}
+
+/// The access time a header block itself carries, as Go's reader takes it:
+/// a GNU header's atime field unless empty (dropped, with the ctime field,
+/// if either does not parse: old Go writers put a name prefix there), or a
+/// star header's (which must parse).
+fn header_atime(h: &tar::Header) -> Result<Option<TarTime>, String> {
+    let b = h.as_bytes();
+    let (magic, trailer) = (&b[257..263], &b[508..512]);
+    if magic == b"ustar\0" && trailer == b"tar\0" {
+        let field = &b[476..488];
+        return parse_numeric(field)
+            .map(|s| Some(TarTime::from_secs(s)))
+            .ok_or_else(|| format!("bad atime {field:?} in its star header"));
+    }
+    if let Some(gnu) = h.as_gnu() {
+        let parse = |f: &[u8]| match f[0] {
+            0 => Some(None),
+            _ => parse_numeric(f).map(Some),
+        };
+        return Ok(match (parse(&gnu.atime), parse(&gnu.ctime)) {
+            (Some(atime), Some(_)) => atime.map(TarTime::from_secs),
+            _ => None,
+        });
+    }
+    Ok(None)
 }
 
 /// A decimal number as GNU tar writes them in sparse records: digits only,
@@ -1152,7 +1581,16 @@ pub fn inherit_implicit_dirs(
                         AtFlags::SYMLINK_NOFOLLOW,
                     )?;
                     set_mode(&path, m.mode() & 0o7777)?;
-                    set_times(&path, m.mtime())?;
+                    // Both times, to the nanosecond, as containerd's copyDirInfo.
+                    let time = |sec: i64, nsec: i64| TarTime {
+                        sec,
+                        nsec: nsec as u32,
+                    };
+                    let times = Times {
+                        atime: time(m.atime(), m.atime_nsec()),
+                        mtime: time(m.mtime(), m.mtime_nsec()),
+                    };
+                    set_times(&path, times)?;
                     break;
                 }
                 // Replaced by a non-directory below: keep the defaults.

@@ -1,10 +1,12 @@
 //! Extraction tests on hand-made tars. They need root (ownership, device
 //! nodes, `trusted.*` xattrs), as the builder itself does.
 
+use std::cell::Cell;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::rc::Rc;
 
 use sha2::{Digest as _, Sha256};
 use tar::{Builder, EntryType, Header};
@@ -55,6 +57,49 @@ impl Tar {
         h.set_device_major(major).unwrap();
         h.set_device_minor(minor).unwrap();
         self.0.append_data(&mut h, name, &[][..]).unwrap();
+        self
+    }
+    /// A PAX extended header of `records`, for the next entry.
+    fn pax(mut self, records: &[(&str, &str)]) -> Tar {
+        self.0
+            .append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
+            .unwrap();
+        self
+    }
+    /// A regular file whose GNU header `edit` adjusts.
+    fn file_with(mut self, name: &str, data: &[u8], edit: impl FnOnce(&mut Header)) -> Tar {
+        let mut h = Tar::header(EntryType::Regular, 0o644, data.len() as u64);
+        edit(&mut h);
+        self.0.append_data(&mut h, name, data).unwrap();
+        self
+    }
+    /// An entry of type `kind` named `name` with `data`, header and all as given.
+    fn special(mut self, kind: EntryType, name: &str, data: &[u8]) -> Tar {
+        let mut h = Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.as_ustar_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        self.0.append(&h, data).unwrap();
+        self
+    }
+    /// A regular file in a star header (ustar magic, `tar\0` trailer),
+    /// which carries an access time.
+    fn star_file(mut self, name: &str, atime: u64) -> Tar {
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_path(name).unwrap();
+        let b = h.as_mut_bytes();
+        b[476..487].copy_from_slice(format!("{atime:011o}").as_bytes());
+        b[508..512].copy_from_slice(b"tar\0");
+        h.set_cksum();
+        self.0.append(&h, &b"s"[..]).unwrap();
         self
     }
     fn xattr(mut self, key: &str, value: &[u8]) -> Tar {
@@ -960,4 +1005,511 @@ fn the_stream_limit_applies_inside_a_sparse_map() {
     let got = fs::read(d.path().join("f")).unwrap();
     assert_eq!(got.len(), 120_000);
     assert!(got.chunks(2).all(|p| p == [7, 0]));
+}
+
+/// PAX data of exactly `len` bytes: one `comment` record.
+fn pax_comment(len: usize) -> Vec<u8> {
+    // "<len> comment=<value>\n", the length counting its own digits.
+    let digits = len.to_string().len();
+    let value = "c".repeat(len - digits - " comment=\n".len());
+    let record = format!("{len} comment={value}\n").into_bytes();
+    assert_eq!(record.len(), len);
+    record
+}
+
+#[test]
+fn extension_entries_larger_than_1_mib_are_refused_with_the_layer_named() {
+    const MIB: usize = 1 << 20;
+    let long = "n".repeat(MIB);
+    /// What the layer is, then the entry, kind and size refused.
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        Option<&'static str>,
+        &'static str,
+        u64,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "PAX header",
+            Tar::new()
+                .special(EntryType::XHeader, "", &pax_comment(MIB + 1))
+                .file("f", 0o644, b"f")
+                .bytes(),
+            None,
+            "PAX extended header",
+            MIB as u64 + 1,
+        ),
+        (
+            "named PAX header",
+            Tar::new()
+                .special(EntryType::XHeader, "PaxHeaders.0/f", &pax_comment(2 * MIB))
+                .file("f", 0o644, b"f")
+                .bytes(),
+            Some("PaxHeaders.0/f"),
+            "PAX extended header",
+            2 * MIB as u64,
+        ),
+        (
+            "PAX global header",
+            Tar::new()
+                .special(
+                    EntryType::XGlobalHeader,
+                    "pax_global_header",
+                    &pax_comment(MIB + 512),
+                )
+                .file("f", 0o644, b"f")
+                .bytes(),
+            Some("pax_global_header"),
+            "PAX global extended header",
+            MIB as u64 + 512,
+        ),
+        (
+            // The builder writes the name and a NUL: 1 MiB + 1 bytes.
+            "GNU long name",
+            Tar::new().file(&long, 0o644, b"f").bytes(),
+            Some("././@LongLink"),
+            "GNU long name entry",
+            MIB as u64 + 1,
+        ),
+        (
+            "GNU long link name",
+            Tar::new().link(EntryType::Symlink, "l", &long).bytes(),
+            Some("././@LongLink"),
+            "GNU long link name entry",
+            MIB as u64 + 1,
+        ),
+        (
+            // After other entries, and after a PAX header within the limit.
+            "later in the layer",
+            Tar::new()
+                .file("a", 0o644, &[7; 1000])
+                .pax(&[("mtime", "1700000000.5")])
+                .file(&long, 0o644, b"f")
+                .bytes(),
+            Some("././@LongLink"),
+            "GNU long name entry",
+            MIB as u64 + 1,
+        ),
+    ];
+    for (what, tar, entry_name, kind_name, size_of) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let err = unpack(&tar, d.path(), false).unwrap_err();
+        match &err {
+            UnpackError::HeaderTooLarge {
+                layer,
+                entry,
+                kind,
+                size,
+                limit,
+                ..
+            } => {
+                assert_eq!(layer, "test-layer", "{what}");
+                assert_eq!(entry.as_deref(), entry_name, "{what}");
+                assert_eq!(*kind, kind_name, "{what}");
+                assert_eq!((*size, *limit), (size_of, MIB as u64), "{what}");
+            }
+            other => panic!("{what}: {other}"),
+        }
+        let text = err.to_string();
+        assert!(text.starts_with("layer test-layer: "), "{what}: {text}");
+        assert!(text.contains("limit of 1048576 bytes"), "{what}: {text}");
+        if let Some(name) = entry_name {
+            assert!(text.contains(&format!("entry {name:?}")), "{what}: {text}");
+        }
+        assert!(!d.path().join("f").exists(), "{what}");
+    }
+}
+
+#[test]
+fn extension_entries_of_1_mib_are_accepted() {
+    const MIB: usize = 1 << 20;
+    // The name and its NUL: exactly 1 MiB.
+    let long = format!("dir/{}", "n".repeat(200));
+    let long = format!("{long}/{}", "x".repeat(MIB - 1 - long.len() - 1));
+    assert_eq!(long.len() + 1, MIB);
+    let tar = Tar::new()
+        .special(
+            EntryType::XGlobalHeader,
+            "pax_global_header",
+            &pax_comment(MIB),
+        )
+        .special(EntryType::XHeader, "PaxHeaders.0/f", &pax_comment(MIB))
+        .file("f", 0o644, b"f")
+        .file(&long, 0o644, b"long")
+        .file("g", 0o644, b"g")
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    // The long name is too long for the filesystem, but it was read whole.
+    let err = unpack(&tar, d.path(), false).unwrap_err();
+    assert!(matches!(err, UnpackError::Write { .. }), "{err}");
+    assert_eq!(fs::read(d.path().join("f")).unwrap(), b"f");
+
+    let tar = Tar::new()
+        .special(EntryType::XHeader, "PaxHeaders.0/f", &pax_comment(MIB))
+        .file("f", 0o644, b"f")
+        .file("g", 0o644, b"g")
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    let out = unpack(&tar, d.path(), false).unwrap();
+    assert_eq!(fs::read(d.path().join("g")).unwrap(), b"g");
+    assert_eq!(out.tar_bytes, tar.len() as u64);
+}
+
+#[test]
+fn an_oversized_extension_entry_is_refused_before_its_data_is_read() {
+    /// A PAX header announcing 8 GiB of records, then endless bytes; counts
+    /// what it hands out.
+    struct Endless {
+        header: Vec<u8>,
+        given: Rc<Cell<u64>>,
+    }
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let at = self.given.get() as usize;
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = self.header.get(at + i).copied().unwrap_or(b'a');
+            }
+            self.given.set((at + buf.len()) as u64);
+            Ok(buf.len())
+        }
+    }
+    let mut h = Header::new_ustar();
+    h.set_entry_type(EntryType::XHeader);
+    h.set_size(8 << 30);
+    h.set_cksum();
+    let given = Rc::new(Cell::new(0));
+    let d = tempfile::tempdir().unwrap();
+    let err = unpack_layer(
+        Endless {
+            header: h.as_bytes().to_vec(),
+            given: given.clone(),
+        },
+        &UnpackOptions {
+            layer: "endless-layer",
+            compression: Compression::None,
+            dest: d.path(),
+            has_parent: false,
+            max_bytes: 64 << 20,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, UnpackError::HeaderTooLarge { size, .. } if *size == 8 << 30),
+        "{err}"
+    );
+    assert!(err.to_string().contains("endless-layer"), "{err}");
+    assert!(
+        given.get() <= 64 << 10,
+        "{} bytes read before refusing",
+        given.get()
+    );
+}
+
+/// (atime, mtime) of `path` itself, to the nanosecond.
+fn times_of(path: &Path) -> ((i64, i64), (i64, i64)) {
+    let m = fs::symlink_metadata(path).unwrap();
+    ((m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec()))
+}
+
+#[test]
+fn times_keep_pax_nanoseconds_and_atime_is_the_later_of_atime_and_mtime() {
+    let tar = Tar::new()
+        .pax(&[("mtime", "1700000000.5")])
+        .file("half", 0o644, b"h")
+        .pax(&[("mtime", "1700000000.25"), ("atime", "1800000000.75")])
+        .file("later-atime", 0o644, b"l")
+        .pax(&[("atime", "1600000000.9"), ("mtime", "1700000000.125")])
+        .file("earlier-atime", 0o644, b"e")
+        // Digits past the ninth are cut, not rounded.
+        .pax(&[("mtime", "1700000000.1234567899")])
+        .file("many-digits", 0o644, b"m")
+        .pax(&[("mtime", "1700000000.")])
+        .file("bare-point", 0o644, b"b")
+        // The last record wins; an empty one keeps the header's time.
+        .pax(&[("mtime", "5.5"), ("mtime", "1700000001.000000001")])
+        .file("last-wins", 0o644, b"w")
+        .pax(&[("mtime", "")])
+        .file("empty", 0o644, b"e")
+        // Before the epoch, or past what int64 nanoseconds hold: the epoch.
+        .pax(&[("mtime", "-1.5")])
+        .file("negative", 0o644, b"n")
+        .pax(&[("mtime", "9223372036.854775808")])
+        .file("too-late", 0o644, b"t")
+        .pax(&[("mtime", "9223372036.854775807")])
+        .file("latest", 0o644, b"t")
+        .pax(&[("mtime", "1700000000.5"), ("atime", "9999999999")])
+        .file("atime-too-late", 0o644, b"t")
+        // A GNU header's own atime field counts too.
+        .file_with("gnu-atime", b"g", |h| {
+            h.as_gnu_mut().unwrap().set_atime(1_750_000_000);
+            h.set_cksum();
+        })
+        .file_with("gnu-early-atime", b"g", |h| {
+            h.as_gnu_mut().unwrap().set_atime(1_600_000_000);
+            h.set_cksum();
+        })
+        // A PAX atime overrides it.
+        .pax(&[("atime", "1760000000.5")])
+        .file_with("pax-over-gnu", b"g", |h| {
+            h.as_gnu_mut().unwrap().set_atime(1_750_000_000);
+            h.set_cksum();
+        })
+        // And a star header's.
+        .star_file("star-atime", 1_750_000_000)
+        .pax(&[("mtime", "1700000000.75"), ("atime", "1710000000.5")])
+        .dir("dir/", 0o755)
+        .file("dir/inner", 0o644, b"i")
+        .pax(&[("mtime", "1700000000.375"), ("atime", "1720000000.125")])
+        .link(EntryType::Symlink, "dir/link", "inner")
+        .pax(&[("mtime", "1700000002.5")])
+        .link(EntryType::Link, "hard", "half")
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    unpack(&tar, d.path(), false).unwrap();
+    let t = |name: &str| times_of(&d.path().join(name));
+    let header = (1_700_000_000, 0);
+    let epoch = (0, 0);
+
+    // The hardlink's header set the shared inode's times last.
+    assert_eq!(
+        t("hard"),
+        ((1_700_000_002, 500_000_000), (1_700_000_002, 500_000_000))
+    );
+    assert_eq!(t("half"), t("hard"));
+    let l = ((1_800_000_000, 750_000_000), (1_700_000_000, 250_000_000));
+    assert_eq!(t("later-atime"), l);
+    let e = (1_700_000_000, 125_000_000);
+    assert_eq!(t("earlier-atime"), (e, e));
+    let m = (1_700_000_000, 123_456_789);
+    assert_eq!(t("many-digits"), (m, m));
+    assert_eq!(t("bare-point"), (header, header));
+    let w = (1_700_000_001, 1);
+    assert_eq!(t("last-wins"), (w, w));
+    assert_eq!(t("empty"), (header, header));
+    assert_eq!(t("negative"), (epoch, epoch));
+    assert_eq!(t("too-late"), (epoch, epoch));
+    let latest = (9_223_372_036, 854_775_807);
+    assert_eq!(t("latest"), (latest, latest));
+    assert_eq!(t("atime-too-late"), (epoch, (1_700_000_000, 500_000_000)));
+    assert_eq!(t("gnu-atime"), ((1_750_000_000, 0), header));
+    assert_eq!(t("gnu-early-atime"), (header, header));
+    assert_eq!(t("pax-over-gnu"), ((1_760_000_000, 500_000_000), header));
+    assert_eq!(t("star-atime"), ((1_750_000_000, 0), header));
+    assert_eq!(
+        t("dir"),
+        ((1_710_000_000, 500_000_000), (1_700_000_000, 750_000_000)),
+        "a directory's times, set last"
+    );
+    assert_eq!(
+        t("dir/link"),
+        ((1_720_000_000, 125_000_000), (1_700_000_000, 375_000_000)),
+        "a symlink's own times"
+    );
+    assert_eq!(
+        t("dir/inner"),
+        (header, header),
+        "not the symlink's target's"
+    );
+}
+
+#[test]
+fn implicit_parents_inherit_times_to_the_nanosecond() {
+    let lower = tempfile::tempdir().unwrap();
+    let tar = Tar::new()
+        .pax(&[("mtime", "1700000000.5"), ("atime", "1710000000.25")])
+        .dir("lib/", 0o755)
+        .bytes();
+    unpack(&tar, lower.path(), false).unwrap();
+    let upper = tempfile::tempdir().unwrap();
+    let out = unpack(
+        &Tar::new().file("lib/new", 0o644, b"n").bytes(),
+        upper.path(),
+        true,
+    )
+    .unwrap();
+    inherit_implicit_dirs(upper.path(), &out.implicit_dirs, &[lower.path()]).unwrap();
+    assert_eq!(
+        times_of(&upper.path().join("lib")),
+        times_of(&lower.path().join("lib"))
+    );
+    assert_eq!(
+        times_of(&upper.path().join("lib")).1,
+        (1_700_000_000, 500_000_000)
+    );
+}
+
+#[test]
+fn bad_owner_ids_and_pax_values_are_refused_with_the_layer_and_entry_named() {
+    let pax_file =
+        |records: &[(&str, &str)]| Tar::new().pax(records).file("victim", 0o644, b"v").bytes();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "uid past 32 bits",
+            pax_file(&[("uid", "4294967296")]),
+            "uid 4294967296 (from its PAX header)",
+        ),
+        (
+            "gid past 32 bits",
+            pax_file(&[("gid", "4294967296")]),
+            "gid 4294967296 (from its PAX header)",
+        ),
+        (
+            "uid far past 32 bits",
+            pax_file(&[("uid", "9223372036854775807")]),
+            "uid 9223372036854775807",
+        ),
+        ("negative uid", pax_file(&[("uid", "-1")]), "uid -1"),
+        ("negative gid", pax_file(&[("gid", "-5")]), "gid -5"),
+        (
+            "(uid_t)-1",
+            pax_file(&[("uid", "4294967295")]),
+            "uid 4294967295",
+        ),
+        (
+            "header uid past 32 bits",
+            Tar::new()
+                .file_with("victim", b"v", |h| {
+                    h.set_uid(1 << 32);
+                    h.set_cksum();
+                })
+                .bytes(),
+            "uid 4294967296 (from its header)",
+        ),
+        (
+            "header gid past 32 bits",
+            Tar::new()
+                .file_with("victim", b"v", |h| {
+                    h.set_gid((1 << 32) + 1000);
+                    h.set_cksum();
+                })
+                .bytes(),
+            "gid 4294968296 (from its header)",
+        ),
+        (
+            "fractional uid",
+            pax_file(&[("uid", "1000.5")]),
+            "bad PAX uid \"1000.5\"",
+        ),
+        (
+            "uid beyond int64",
+            pax_file(&[("uid", "9223372036854775808")]),
+            "bad PAX uid",
+        ),
+        (
+            "conflicting uid records",
+            pax_file(&[("uid", "5"), ("uid", "")]),
+            "conflicting PAX uid records",
+        ),
+        (
+            "bad mtime",
+            pax_file(&[("mtime", "1700000000.5x")]),
+            "bad PAX mtime",
+        ),
+        (
+            "two points",
+            pax_file(&[("mtime", "1.2.3")]),
+            "bad PAX mtime",
+        ),
+        ("no seconds", pax_file(&[("mtime", ".5")]), "bad PAX mtime"),
+        ("bad atime", pax_file(&[("atime", "soon")]), "bad PAX atime"),
+        ("bad ctime", pax_file(&[("ctime", "1e9")]), "bad PAX ctime"),
+    ];
+    for (what, tar, needle) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let err = unpack(&tar, d.path(), false)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(
+            err.contains("layer test-layer: entry \"victim\""),
+            "{what}: the layer and the entry are named: {err}"
+        );
+        assert!(
+            !d.path().join("victim").exists(),
+            "{what}: nothing is written"
+        );
+    }
+}
+
+#[test]
+fn owner_ids_up_to_4294967294_are_kept_and_empty_pax_ids_keep_the_header() {
+    let tar = Tar::new()
+        .pax(&[("uid", "4294967294"), ("gid", "+70000")])
+        .file("big", 0o644, b"b")
+        .pax(&[("uid", ""), ("gid", "")])
+        .owned_file("empty", 1000, 1001, b"e")
+        .pax(&[("uid", "7"), ("uid", "8")])
+        .owned_file("last", 1000, 1001, b"l")
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    unpack(&tar, d.path(), false).unwrap();
+    let owner = |name: &str| {
+        let m = fs::symlink_metadata(d.path().join(name)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("big"), (4_294_967_294, 70_000));
+    assert_eq!(owner("empty"), (1000, 1001));
+    assert_eq!(owner("last"), (8, 1001));
+}
+
+#[test]
+fn pax_times_and_numeric_fields_parse_as_go_reads_them() {
+    let t = |v: &str| parse_pax_time(v.as_bytes()).map(|t| (t.sec, t.nsec));
+    assert_eq!(
+        t("1700000000.123456789"),
+        Some((1_700_000_000, 123_456_789))
+    );
+    assert_eq!(t("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+    assert_eq!(
+        t("1.1234567899"),
+        Some((1, 123_456_789)),
+        "cut, not rounded"
+    );
+    assert_eq!(t("0.000000001"), Some((0, 1)));
+    assert_eq!(t("1."), Some((1, 0)));
+    assert_eq!(t("+5.25"), Some((5, 250_000_000)));
+    assert_eq!(t("-1"), Some((-1, 0)));
+    assert_eq!(t("-1.5"), Some((-2, 500_000_000)), "1.5 s before the epoch");
+    assert_eq!(t("-0.25"), Some((-1, 750_000_000)));
+    assert_eq!(t("-9223372036854775808"), Some((i64::MIN, 0)));
+    for bad in [
+        "",
+        ".5",
+        "1.2.3",
+        "1.-5",
+        "1.+5",
+        "1.5x",
+        "1e9",
+        " 1",
+        "1 ",
+        "--1",
+        "+-1",
+        "-",
+        "9223372036854775808",
+        "0x10",
+    ] {
+        assert_eq!(t(bad), None, "{bad:?}");
+    }
+
+    let n = |b: &[u8]| parse_numeric(b);
+    assert_eq!(n(b"0001234\0"), Some(0o1234));
+    assert_eq!(n(b"  17 \0\0"), Some(0o17));
+    assert_eq!(n(&[0; 12]), Some(0));
+    assert_eq!(n(b"        "), Some(0));
+    assert_eq!(n(b"8\0"), None);
+    assert_eq!(n(b"1 2\0"), None);
+    assert_eq!(n(b"+7\0"), None);
+    assert_eq!(n(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]), Some(1 << 32));
+    assert_eq!(n(&[0xff; 12]), Some(-1), "base-256 two's complement");
+    assert_eq!(
+        n(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]),
+        Some(-2)
+    );
+    assert_eq!(
+        n(&[0x80, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        None,
+        "overflow"
+    );
 }
