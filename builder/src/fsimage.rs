@@ -12,7 +12,8 @@
 //!   for every time it sets itself, eager inode-table and journal zeroing,
 //!   no discard, and our own `mke2fs.conf` so the host's cannot change the
 //!   features. The staging root's own owner, mode and times are not copied
-//!   (the root is 0:0, 0755, `epoch`); sub-second mtimes are dropped.
+//!   (the root is 0:0, 0755, `epoch`); sub-second mtimes, which it drops, are
+//!   put back by the debugfs pass below.
 //! - What it copies but should not: each inode's ctime and atime (they
 //!   differ between two stagings of the same tree), and the order of an
 //!   inode's in-inode xattrs (the order the staging filesystem lists them
@@ -695,6 +696,9 @@ struct XattrFix {
 struct Scan {
     usage: TreeUsage,
     fixes: Vec<XattrFix>,
+    /// Paths whose mtime has nanoseconds, which `mke2fs -d` 1.47.0 drops:
+    /// the debugfs pass puts them back.
+    nsec: Vec<(Vec<u8>, u32)>,
 }
 
 /// What the staging tree needs on ext4 (the basis of [`size_for`]). Walks
@@ -714,6 +718,7 @@ fn scan_tree(root: &Path) -> Result<Scan, FsImageError> {
     let mut scan = Scan {
         usage: TreeUsage::default(),
         fixes: Vec::new(),
+        nsec: Vec::new(),
     };
     let mut seen = HashSet::new();
     account(&mut scan, &mut seen, root, b"/".to_vec(), &meta)?;
@@ -792,6 +797,9 @@ fn account(
         .sum();
     if xattr_bytes > XATTR_IN_INODE {
         scan.usage.bytes += round_up(xattr_bytes, BLOCK);
+    }
+    if meta.mtime_nsec() != 0 && rel != b"/" {
+        scan.nsec.push((rel.clone(), meta.mtime_nsec() as u32));
     }
     if xattrs.len() >= 2 {
         scan.fixes.push(XattrFix { path: rel, xattrs });
@@ -1063,7 +1071,7 @@ fn build_ext4(
             output: e,
         })?;
     let cmds = work.0.join("debugfs.cmds");
-    write_debugfs_commands(&cmds, work, &scan.fixes, &used, opts.epoch)
+    write_debugfs_commands(&cmds, work, &scan.fixes, &scan.nsec, &used, opts.epoch)
         .map_err(io_err("writing", &cmds))?;
     let out = run(
         command(&tools.debugfs)
@@ -1197,6 +1205,7 @@ fn write_debugfs_commands(
     cmds: &Path,
     work: &WorkDir,
     fixes: &[XattrFix],
+    nsec: &[(Vec<u8>, u32)],
     used: &[u64],
     epoch: i64,
 ) -> io::Result<()> {
@@ -1261,6 +1270,27 @@ fn write_debugfs_commands(
             writeln!(w, "sif <{ino}> {field} @{epoch}")?;
             writeln!(w, "sif <{ino}> {field}_extra 0")?;
         }
+    }
+    // The extra field holds nanoseconds << 2 (the low two bits extend the
+    // epoch, 0 before 2038, the only range supported here).
+    for (path, ns) in nsec {
+        let Some(q) = debugfs_quote(path) else {
+            tracing::warn!(path = %String::from_utf8_lossy(path),
+                "a name with a line break: its mtime loses its nanoseconds");
+            continue;
+        };
+        let line = [
+            b"sif ",
+            &q[..],
+            format!(" mtime_extra {}\n", u64::from(*ns) << 2).as_bytes(),
+        ]
+        .concat();
+        if line.len() > DEBUGFS_MAX_LINE {
+            tracing::warn!(path = %String::from_utf8_lossy(path),
+                "a name debugfs cannot take: its mtime loses its nanoseconds");
+            continue;
+        }
+        w.write_all(&line)?;
     }
     w.into_inner().map_err(|e| e.into_error())?.sync_all()
 }

@@ -721,3 +721,48 @@ fn a_missing_tool_names_its_package() {
         "{err}"
     );
 }
+
+#[test]
+fn ext4_keeps_nanosecond_mtimes_that_mke2fs_drops() {
+    let staging = tempfile::tempdir().unwrap();
+    let dir = staging.path().join("d");
+    fs::create_dir(&dir).unwrap();
+    let file = dir.join("f");
+    fs::write(&file, b"x").unwrap();
+    std::os::unix::fs::symlink("f", dir.join("l")).unwrap();
+    let set = |p: &Path, ns: i64| {
+        let ts = rustix::fs::Timespec {
+            tv_sec: 1_700_000_000,
+            tv_nsec: ns,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            p,
+            &rustix::fs::Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+    };
+    set(&file, 123_456_789);
+    set(&dir.join("l"), 5);
+    set(&dir, 999_999_999);
+    let out = tempfile::tempdir().unwrap();
+    let img = out.path().join("ns.img");
+    ext4_image(staging.path(), &img);
+    let m = mount_image_readonly(&img).unwrap();
+    let nsec = |rel: &str| {
+        fs::symlink_metadata(m.path().join(rel))
+            .unwrap()
+            .mtime_nsec()
+    };
+    assert_eq!(nsec("d/f"), 123_456_789);
+    assert_eq!(nsec("d/l"), 5);
+    assert_eq!(nsec("d"), 999_999_999);
+    assert_eq!(
+        fs::metadata(m.path().join("d/f")).unwrap().mtime(),
+        1_700_000_000
+    );
+}
