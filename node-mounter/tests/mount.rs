@@ -741,3 +741,53 @@ fn the_cli_prints_json_and_a_human_line() {
     run(Command::new("umount").arg(vol.target()));
     assert_nothing_left(&vol);
 }
+
+#[test]
+fn two_devices_with_one_label_are_refused_unless_one_is_mounted_at_the_target() {
+    require_root();
+    let label = unique_label();
+    let a = Volume::ext4(&label, &seed_manifest().to_json());
+    let b = Volume::ext4(&label, &seed_manifest().to_json());
+    let la = Loop::attach(&a.image);
+    let lb = Loop::attach(&b.image);
+    let _unmount = Unmount(a.target());
+    let spec = DeviceSpec::Label(label.clone());
+
+    let err = mount::mount(&opts(spec.clone(), a.target())).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("several devices have the filesystem label")
+            && msg.contains(la.0.to_str().unwrap())
+            && msg.contains(lb.0.to_str().unwrap()),
+        "{msg}"
+    );
+    assert_eq!(mounts_at(&a.target()), 0);
+
+    // Once one of them is mounted at the target, a re-run by label is fine.
+    let m = mount::mount(&opts(path(&lb.0), a.target())).unwrap();
+    let m2 = mount::mount(&opts(spec, a.target())).unwrap();
+    assert!(m2.already_mounted);
+    assert_eq!(m2.device, lb.0);
+    mount::unmount(&m).unwrap();
+}
+
+#[test]
+fn an_image_mounted_elsewhere_is_not_mounted_through_a_second_loop_device() {
+    require_root();
+    let vol = Volume::ext4(&unique_label(), &seed_manifest().to_json());
+    let _unmount = Unmount(vol.target());
+    let other = vol.dir.path().join("other");
+    let _unmount_other = Unmount(other.clone());
+
+    let m = mount::mount(&opts(path(&vol.image), vol.target())).unwrap();
+    let err = mount::mount(&opts(path(&vol.image), other.clone())).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("is already mounted at") && msg.contains(m.device.to_str().unwrap()),
+        "{msg}"
+    );
+    assert_eq!(mounts_at(&other), 0);
+    assert_eq!(loops_of(&vol.image).len(), 1);
+    mount::unmount(&m).unwrap();
+    assert_nothing_left(&vol);
+}
