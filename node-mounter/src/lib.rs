@@ -1,4 +1,9 @@
-//! coral-node-mounter: makes a seed volume's images ready in the node's
-//! containerd at bootstrap, and pulls through CRI whatever is missing.
+//! coral-node-mounter as a library: what the `coral-node-mounter` subcommands
+//! run, so that `run` can chain them in one process.
+//!
+//! - [`mount`]: find the seed volume's device, mount it, grow it, check it;
+//! - [`adopt`]: register a volume that is containerd's root, moving bytes,
+//!   never copying them.
 
 pub mod adopt;
+pub mod mount;

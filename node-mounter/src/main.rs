@@ -1,4 +1,7 @@
-//! The `coral-node-mounter` command line.
+//! The `coral-node-mounter` command line: one subcommand per step of a
+//! node's bootstrap. Each subcommand's module documents its exit codes;
+//! every subcommand exits 1 on an error it reports on stderr, and 2 when its
+//! command line does not parse.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,13 +10,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use coral_node_mounter::adopt::{self, AdoptOptions};
+use coral_node_mounter::mount::{self, DeviceSpec, HostRoots, MountOptions};
 use coral_seed::{Digest, Platform, SeedLayout, SeedManifest};
 
 #[derive(Parser)]
 #[command(
     name = "coral-node-mounter",
     version,
-    about = "Makes a coral seed volume's images ready in the node's containerd; pulls the rest through CRI."
+    about = "Runs at node bootstrap: mounts a coral seed volume and registers its images with the node's containerd."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,8 +26,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register a mounted seed volume's images with containerd.
+    /// Find the seed volume's device, mount it, (optionally) grow it, and
+    /// check its seed manifest.
+    Mount(MountArgs),
+    /// Register a mounted seed volume's images with containerd
+    /// (exit 0 all seeded, 10 some pulled by fallback, 20 failed).
     Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// The device: a path (block device or image file), `auto` (the
+    /// filesystem labelled coral-seed), `label:LABEL`, or `ebs:vol-…`.
+    #[arg(long, value_name = "PATH|auto|label:LABEL|ebs:vol-ID")]
+    device: DeviceSpec,
+    /// Where to mount it (created if missing).
+    #[arg(long, value_name = "DIR")]
+    target: PathBuf,
+    /// Grow the filesystem to the device's size once mounted.
+    #[arg(long)]
+    grow: bool,
+    /// How long to wait for the device to appear.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = mount::parse_duration)]
+    wait: Duration,
+    /// The digest the volume's `.coral/manifest.json` must have (sha256:…).
+    #[arg(long, value_name = "MANIFEST_DIGEST")]
+    expect: Option<Digest>,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Print the result as a JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -70,37 +104,43 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let result = match cli.command {
-        Command::Import(args) => runtime.block_on(import(args)),
+    let (result, failure) = match cli.command {
+        Command::Mount(args) => (mount_cmd(args), 1),
+        Command::Import(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            (runtime.block_on(import(args)), 20)
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("coral-node-mounter: error: {e:#}");
-            ExitCode::from(20)
+            ExitCode::from(failure)
         }
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration (30s, 2m, 500ms)"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => bail!("{s:?} is not a duration (30s, 2m, 500ms)"),
-    })
+fn mount_cmd(args: MountArgs) -> Result<ExitCode> {
+    let opts = MountOptions {
+        device: args.device,
+        target: args.target,
+        grow: args.grow,
+        wait: args.wait,
+        expect: args.expect,
+        read_only: args.read_only,
+        roots: HostRoots::default(),
+    };
+    let mounted = mount::mount(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&mounted)?);
+    } else {
+        println!("coral-node-mounter: {}", mounted.summary());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn read_manifest(root: &Path, expect: Option<&str>) -> Result<SeedManifest> {
@@ -147,7 +187,13 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
             .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
         adopt::adopt(channel, &args.seed, &manifest, &opts).await
     };
-    let report = match args.deadline.as_deref().map(parse_duration).transpose()? {
+    let deadline = args
+        .deadline
+        .as_deref()
+        .map(mount::parse_duration)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--deadline: {e}"))?;
+    let report = match deadline {
         Some(d) => tokio::time::timeout(d, work)
             .await
             .map_err(|_| anyhow::anyhow!("the import did not finish within --deadline {d:?}"))??,
