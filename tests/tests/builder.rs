@@ -375,6 +375,30 @@ async fn builds_from_a_tls_registry_with_basic_auth_using_a_docker_config() -> R
         .arg(&out)
         .status()?;
     ensure!(status.success(), "verify of a fresh build failed");
+    // The same blobs and layer trees as from the plain registry.
+    let plain = corpus.plain_registry()?;
+    let plain_out = work.path().join("plain.img");
+    build(
+        &plain,
+        &["tiny", "layered"],
+        &["linux/amd64"],
+        &plain_out,
+        &[],
+    )?;
+    let (a, b) = (Mounted::new(&out)?, Mounted::new(&plain_out)?);
+    let opts = Options {
+        dir_mtimes: true,
+        ..Options::default()
+    };
+    for dir in [".coral/blobs/sha256", ".coral/layers"] {
+        let diffs = treecmp::diff(
+            "tls+auth",
+            &treecmp::snapshot(&a.0.join(dir), &opts)?,
+            "plain",
+            &treecmp::snapshot(&b.0.join(dir), &opts)?,
+        );
+        ensure!(diffs.is_empty(), "{dir}: {}", diffs.join("\n"));
+    }
     Ok(())
 }
 
