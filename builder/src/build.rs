@@ -335,6 +335,8 @@ pub async fn stage(
 
     // 3. Extract each layer tree once; finalise bottom-up.
     let extract_slots = Arc::new(Semaphore::new(opts.extract_jobs.max(1)));
+    // All layers' uncompressed streams together stay within the budget.
+    let unpacked_total = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut chain_ready: HashMap<ChainId, SharedResult> = HashMap::new();
     let unpacked_sizes: Arc<std::sync::Mutex<BTreeMap<ChainId, (u64, Digest)>>> =
         Default::default();
@@ -395,6 +397,7 @@ pub async fn stage(
             let blob_ready = blob_ready[&layer.digest].clone();
             let work = layout.tmp_dir().join("layers").join(chain.hex());
             let slots = extract_slots.clone();
+            let stream_total = unpacked_total.clone();
             let progress = progress.clone();
             let chain = chain.clone();
             async move {
@@ -417,6 +420,7 @@ pub async fn stage(
                                 dest: &work,
                                 has_parent,
                                 max_bytes: budget,
+                                total: Some(stream_total.clone()),
                             },
                         )?;
                         if out.diff_id != layer.diff_id {

@@ -178,6 +178,10 @@ pub struct UnpackOptions<'a> {
     /// Upper bound on the uncompressed stream, in bytes; also on the sum of
     /// the apparent sizes of the layer's PAX sparse files.
     pub max_bytes: u64,
+    /// A count shared by layers extracted at the same time: the bytes all of
+    /// their streams have produced, bounded by `max_bytes` together, so
+    /// parallel decompression bombs cannot write `max_bytes` each.
+    pub total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +205,8 @@ struct Metered<R> {
     hasher: Sha256,
     count: u64,
     limit: u64,
+    /// Bytes produced by every layer sharing the bound.
+    total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     shared: Rc<Shared>,
     /// The header block being gathered, while watching headers.
     header: tar::Header,
@@ -240,12 +246,18 @@ struct Refused {
 }
 
 impl<R> Metered<R> {
-    fn new(inner: R, limit: u64, shared: Rc<Shared>) -> Metered<R> {
+    fn new(
+        inner: R,
+        limit: u64,
+        total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+        shared: Rc<Shared>,
+    ) -> Metered<R> {
         Metered {
             inner,
             hasher: Sha256::new(),
             count: 0,
             limit,
+            total,
             shared,
             header: tar::Header::new_old(),
             filled: 0,
@@ -347,7 +359,11 @@ impl<R: Read> Read for Metered<R> {
         let n = self.inner.read(buf)?;
         let start = self.count;
         self.count += n as u64;
-        if self.count > self.limit {
+        let total = match &self.total {
+            Some(t) => t.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed) + n as u64,
+            None => self.count,
+        };
+        if self.count > self.limit || total > self.limit {
             self.shared.exceeded.set(true);
             return Err(io::Error::other("uncompressed size limit exceeded"));
         }
@@ -383,7 +399,7 @@ pub fn unpack_layer(
         watch: Cell::new(Watch::Data),
         refused: RefCell::new(None),
     });
-    let metered = Metered::new(stream, opts.max_bytes, shared.clone());
+    let metered = Metered::new(stream, opts.max_bytes, opts.total.clone(), shared.clone());
     let exceeded = || shared.exceeded.get();
     let read_err = |source: io::Error| {
         if exceeded() {

@@ -213,6 +213,7 @@ fn unpack(tar: &[u8], dest: &Path, has_parent: bool) -> Result<UnpackedLayer, Un
             dest,
             has_parent,
             max_bytes: 1 << 30,
+            total: None,
         },
     )
 }
@@ -504,6 +505,7 @@ fn a_decompression_bomb_stops_at_the_limit() {
             dest: d.path(),
             has_parent: false,
             max_bytes: 20 * gz.len() as u64,
+            total: None,
         },
     )
     .unwrap_err();
@@ -529,6 +531,7 @@ fn gzip_and_zstd_streams_give_the_diff_id_of_the_tar() {
                 dest: d.path(),
                 has_parent: false,
                 max_bytes: 1 << 20,
+                total: None,
             },
         )
         .unwrap();
@@ -935,6 +938,7 @@ fn sparse_apparent_sizes_are_bounded_by_max_bytes() {
         dest,
         has_parent: false,
         max_bytes: 1 << 30,
+        total: None,
     };
     // One file at the limit is fine; a second takes the layer past it.
     let d = tempfile::tempdir().unwrap();
@@ -994,6 +998,7 @@ fn the_stream_limit_applies_inside_a_sparse_map() {
             dest: d.path(),
             has_parent: false,
             max_bytes: 256 << 10,
+            total: None,
         },
     )
     .unwrap_err();
@@ -1191,6 +1196,7 @@ fn an_oversized_extension_entry_is_refused_before_its_data_is_read() {
             dest: d.path(),
             has_parent: false,
             max_bytes: 64 << 20,
+            total: None,
         },
     )
     .unwrap_err();
