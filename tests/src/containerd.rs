@@ -312,3 +312,116 @@ fn unmount_matching(dir: &Path, including: bool) {
         }
     }
 }
+
+/// A read-only view of a committed snapshot, mounted; unmounted and removed
+/// from containerd's snapshotter when dropped (the removal is best effort:
+/// the daemon may be gone by then).
+pub struct SnapshotView {
+    at: PathBuf,
+    key: String,
+    address: PathBuf,
+    namespace: String,
+}
+
+impl SnapshotView {
+    pub fn path(&self) -> &Path {
+        &self.at
+    }
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.at).status();
+        let (address, key, ns) = (
+            self.address.clone(),
+            self.key.clone(),
+            self.namespace.clone(),
+        );
+        // A small runtime of its own: Drop may run inside or outside one.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
+                use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+                let ch = containerd_client::connect(&address).await.ok()?;
+                let mut req = tonic::Request::new(RemoveSnapshotRequest {
+                    snapshotter: "overlayfs".into(),
+                    key,
+                });
+                req.metadata_mut()
+                    .insert("containerd-namespace", ns.parse().ok()?);
+                SnapshotsClient::new(ch).remove(req).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+static VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Containerd {
+    /// Mounts containerd's own read-only view of the committed overlayfs
+    /// snapshot `chain` (in namespace k8s.io) at `at`.
+    pub async fn view(&self, chain: &str, at: &Path) -> Result<SnapshotView> {
+        use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
+        use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+        let key = format!(
+            "coral-test-view-{}-{}",
+            std::process::id(),
+            VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        // A gc.root label keeps the collector (which a pull or an image
+        // removal can trigger) from removing the view under the test.
+        let mut req = tonic::Request::new(ViewSnapshotRequest {
+            snapshotter: "overlayfs".into(),
+            key: key.clone(),
+            parent: chain.into(),
+            labels: [(
+                "containerd.io/gc.root".to_string(),
+                "coral-test".to_string(),
+            )]
+            .into(),
+        });
+        req.metadata_mut()
+            .insert("containerd-namespace", "k8s.io".parse()?);
+        let mounts = SnapshotsClient::new(self.channel().await?)
+            .view(req)
+            .await
+            .with_context(|| {
+                format!(
+                    "containerd {}: View of {chain}; log:\n{}",
+                    self.build.version,
+                    self.log_tail()
+                )
+            })?
+            .into_inner()
+            .mounts;
+        let view = SnapshotView {
+            at: at.to_path_buf(),
+            key,
+            address: self.address.clone(),
+            namespace: "k8s.io".into(),
+        };
+        std::fs::create_dir_all(at)?;
+        let m = mounts.first().context("a view without mounts")?;
+        let opts: Vec<String> = m
+            .options
+            .iter()
+            .filter(|o| o.as_str() != "rbind")
+            .cloned()
+            .collect();
+        let mut cmd = Command::new("mount");
+        if m.r#type == "bind" {
+            cmd.args(["--bind", "-o", "ro"]).arg(&m.source).arg(at);
+        } else {
+            cmd.args(["-t", &m.r#type, &m.source, "-o", &opts.join(",")])
+                .arg(at);
+        }
+        crate::process::run(&mut cmd)
+            .with_context(|| format!("mounting containerd's view {mounts:?}"))?;
+        Ok(view)
+    }
+}

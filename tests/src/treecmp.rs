@@ -256,3 +256,19 @@ impl Drop for MountGuard {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// [`diff`] of the trees at two paths.
+pub fn compare_dirs(
+    left_name: &str,
+    left: &Path,
+    right_name: &str,
+    right: &Path,
+    opts: &Options,
+) -> Result<Vec<String>> {
+    Ok(diff(
+        left_name,
+        &snapshot(left, opts)?,
+        right_name,
+        &snapshot(right, opts)?,
+    ))
+}

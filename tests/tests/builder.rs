@@ -183,11 +183,6 @@ async fn zstd_and_uncompressed_layers_extract_to_the_same_trees_as_gzip() -> Res
 /// sees through containerd's snapshot equals what it sees through ours.
 #[tokio::test]
 async fn every_layer_view_matches_the_snapshot_containerd_unpacked() -> Result<()> {
-    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-    use containerd_client::services::v1::snapshots::{RemoveSnapshotRequest, ViewSnapshotRequest};
-    use containerd_client::with_namespace;
-    use tonic::Request;
-
     let corpus = Corpus::get()?;
     let reg = corpus.plain_registry()?;
     let work = tempfile::Builder::new().prefix("coral-build-").tempdir()?;
@@ -200,80 +195,30 @@ async fn every_layer_view_matches_the_snapshot_containerd_unpacked() -> Result<(
     for b in &builds {
         let c = Containerd::start(b, &[&reg]).await?;
         let mut images = cri::image_service(c.address()).await?;
-        let mut snaps = SnapshotsClient::new(c.channel().await?);
         let mut checked = 0;
         for img in &m.images {
             cri::pull(&mut images, &img.name.to_string()).await?;
             let dirs = layer_dirs(&vol.0, img);
             for (i, layer) in img.layers.iter().enumerate() {
-                let key = format!("coral-test-view-{i}-{}", layer.chain_id.hex());
-                // A gc.root label keeps containerd's collector (which a pull
-                // can trigger) from removing the view before we do.
-                let req = ViewSnapshotRequest {
-                    snapshotter: "overlayfs".into(),
-                    key: key.clone(),
-                    parent: layer.chain_id.to_string(),
-                    labels: [(
-                        "containerd.io/gc.root".to_string(),
-                        "coral-test".to_string(),
-                    )]
-                    .into(),
-                };
-                let mounts = snaps
-                    .view(with_namespace!(req, "k8s.io"))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "containerd {}: View of {}; log:\n{}",
-                            b.version,
-                            layer.chain_id,
-                            c.log_tail()
-                        )
-                    })?
-                    .into_inner()
-                    .mounts;
-                let theirs_dir = work.path().join("containerd-view");
-                std::fs::create_dir_all(&theirs_dir)?;
-                let mnt = &mounts[0];
-                let opts: Vec<String> = mnt
-                    .options
-                    .iter()
-                    .filter(|o| o.as_str() != "rbind")
-                    .cloned()
-                    .collect();
-                let mut cmd = Command::new("mount");
-                if mnt.r#type == "bind" {
-                    cmd.args(["--bind", "-o", "ro"])
-                        .arg(&mnt.source)
-                        .arg(&theirs_dir);
-                } else {
-                    cmd.args(["-t", &mnt.r#type, &mnt.source, "-o", &opts.join(",")])
-                        .arg(&theirs_dir);
-                }
-                run(&mut cmd).with_context(|| format!("mounting containerd's view {mounts:?}"))?;
-                let ours_dir = work.path().join("coral-view");
-                let g = treecmp::mount_view(&dirs[..=i], &ours_dir)?;
+                let theirs = c
+                    .view(
+                        &layer.chain_id.to_string(),
+                        &work.path().join("containerd-view"),
+                    )
+                    .await?;
+                let ours = treecmp::mount_view(&dirs[..=i], &work.path().join("coral-view"))?;
                 let opts = Options {
                     dir_mtimes: true,
                     ..Options::default()
                 };
-                let result = (|| -> Result<Vec<String>> {
-                    let ours = treecmp::snapshot(&ours_dir, &opts)?;
-                    let theirs = treecmp::snapshot(&theirs_dir, &opts)?;
-                    Ok(treecmp::diff(
-                        "coral",
-                        &ours,
-                        &format!("containerd {}", b.version),
-                        &theirs,
-                    ))
-                })();
-                drop(g);
-                let _ = Command::new("umount").arg(&theirs_dir).status();
-                let req = RemoveSnapshotRequest {
-                    snapshotter: "overlayfs".into(),
-                    key,
-                };
-                snaps.remove(with_namespace!(req, "k8s.io")).await?;
+                let result = treecmp::compare_dirs(
+                    "coral",
+                    ours.path(),
+                    &format!("containerd {}", b.version),
+                    theirs.path(),
+                    &opts,
+                );
+                drop((ours, theirs));
                 let diffs = result?;
                 if !diffs.is_empty() {
                     bail!(
