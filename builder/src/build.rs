@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use coral_seed::manifest::{FORMAT_VERSION, seed_key};
 use coral_seed::paths::{OCI_LAYOUT_VERSION, REF_NAME_ANNOTATION};
+use coral_seed::time::{parse_rfc3339, rfc3339};
 use coral_seed::{
     ChainId, Digest, Platform, Reference, SeedImage, SeedLayer, SeedLayout, SeedManifest, Totals,
 };
@@ -139,60 +140,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn seconds(since: Instant) -> f64 {
     (since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-/// RFC 3339 UTC for a Unix time (no date crate: the civil-from-days algorithm).
-pub fn rfc3339(epoch: i64) -> String {
-    let days = epoch.div_euclid(86_400);
-    let secs = epoch.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-/// Seconds since the epoch of an RFC 3339 time (`2023-11-14T22:13:20Z`,
-/// fractions and offsets allowed); `None` if it is not one.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    if let Some(r) = rest.strip_prefix('.') {
-        rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + mi * 60 + se - offset)
 }
 
 /// Pulls, verifies and extracts the seed set into `layout` (the staging
@@ -703,32 +650,5 @@ pub fn default_work_dir(output: &Path) -> PathBuf {
         PathBuf::from("/var/tmp").join(format!("coral-build-{name}"))
     } else {
         output.with_file_name(format!(".{name}.coral-work"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_round_trips() {
-        for (s, t) in [
-            ("1970-01-01T00:00:00Z", 0),
-            ("2023-11-14T22:13:20Z", 1_700_000_000),
-            ("2000-02-29T12:00:00Z", 951_825_600),
-            ("2024-12-31T23:59:59Z", 1_735_689_599),
-        ] {
-            assert_eq!(rfc3339(t), s);
-            assert_eq!(parse_rfc3339(s), Some(t), "{s}");
-        }
-        assert_eq!(
-            parse_rfc3339("2023-11-14T22:13:20.123456789Z"),
-            Some(1_700_000_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-11-15T00:13:20+02:00"),
-            Some(1_700_000_000)
-        );
-        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

@@ -333,7 +333,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     let work = async {
         let mut staged = stage(client, &layout, &opts, progress.clone()).await?;
         let t = Instant::now();
-        let epoch = coral_builder::build::parse_rfc3339(&staged.manifest.created).unwrap_or(0);
+        let epoch = coral_seed::time::parse_rfc3339(&staged.manifest.created).unwrap_or(0);
         let fs_opts = FsOptions {
             fs: fs_kind,
             label: label.clone(),

@@ -1,4 +1,4 @@
-//! Sizes (`20GiB`, `512M`, `1000000`) and durations (`30s`, `2m`, `500ms`).
+//! Sizes (`20GiB`, `512M`, `1000000`) and durations (`30s`, `2m`, `1h30m`, `500ms`).
 
 use std::time::Duration;
 
@@ -29,19 +29,11 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     n.checked_mul(mult).ok_or_else(err)
 }
 
+/// A duration in Go's syntax (`30s`, `2m`, `1h30m`, `500ms`; a bare number
+/// is seconds): [`coral_seed::time::parse_duration`].
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
-    let err = || UnitError(s.into(), "duration", "30s, 2m, 500ms, 1h");
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
-        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
-        _ => return Err(err()),
-    })
+    coral_seed::time::parse_duration(s)
+        .map_err(|_| UnitError(s.into(), "duration", "30s, 2m, 500ms, 1h"))
 }
 
 #[cfg(test)]

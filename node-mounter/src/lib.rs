@@ -3,7 +3,12 @@
 //!
 //! - [`mount`]: find the seed volume's device, mount it, grow it, check it;
 //! - [`adopt`]: register a volume that is containerd's root, moving bytes,
-//!   never copying them.
+//!   never copying them;
+//! - [`fallback`]: pull what is missing through CRI, with backoff and the
+//!   kubelet's credential sources;
+//! - [`status`]: the status file and exit codes.
 
 pub mod adopt;
+pub mod fallback;
 pub mod mount;
+pub mod status;

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod paths;
 pub mod platform;
 pub mod reference;
+pub mod time;
 pub mod tree;
 
 pub use digest::{Algorithm, ChainId, DiffId, Digest, DigestError};
