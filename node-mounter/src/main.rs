@@ -97,9 +97,35 @@ struct ImportArgs {
     platform: Option<String>,
     #[arg(long, default_value = "overlayfs")]
     snapshotter: String,
-    /// Give up after this long (e.g. 60s).
-    #[arg(long, value_name = "DURATION")]
-    deadline: Option<String>,
+    /// Everything (adopting, then pulling) ends after this long; the node
+    /// then carries on with kubelet's own pulls.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    deadline: Duration,
+    /// Pull through CRI whatever wanted image the volume did not provide
+    /// (all of them, if the volume could not be adopted).
+    #[arg(long)]
+    fallback_pull: bool,
+    /// More images the node wants besides the volume's (repeatable); needed
+    /// so a node whose volume is missing or broken knows what to pull.
+    #[arg(long = "image", value_name = "REF")]
+    images: Vec<String>,
+    /// A docker config.json for fallback pulls.
+    #[arg(long, value_name = "FILE")]
+    registry_config: Option<PathBuf>,
+    /// kubelet's CredentialProviderConfig, for fallback pulls.
+    #[arg(long, value_name = "FILE", requires = "credential_provider_bin_dir")]
+    credential_provider_config: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", requires = "credential_provider_config")]
+    credential_provider_bin_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = fallback::DEFAULT_MAX_FAILURES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_failures: u32,
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    initial_backoff: Duration,
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    max_backoff: Duration,
+    /// Where the JSON status (phase, and each image's state) is kept.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -227,6 +253,131 @@ fn read_manifest(root: &Path, expect: Option<&str>) -> Result<SeedManifest> {
 }
 
 async fn import(args: ImportArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let deadline = started + args.deadline;
+    let mut sf = match &args.status_file {
+        Some(path) => StatusFile::new(path),
+        None => StatusFile::in_memory(),
+    };
+    sf.set_phase(Phase::Importing);
+    sf.write_or_warn();
+
+    let adopted = tokio::time::timeout_at(deadline.into(), adopt_volume(&args))
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the import did not finish within --deadline {:?}",
+                args.deadline
+            ))
+        });
+    let mut wanted = Vec::new();
+    match &adopted {
+        Ok(report) => {
+            for img in &report.images {
+                wanted.push(img.reference.clone());
+                sf.update_image(status::ImageStatus {
+                    reference: img.reference.clone(),
+                    state: status::ImageState::Seeded,
+                    digest: Some(img.image_id.clone()),
+                    attempts: 0,
+                    last_error: None,
+                    seconds: Some(report.seconds),
+                    next_retry_at: None,
+                });
+            }
+        }
+        Err(e) => {
+            eprintln!("coral-node-mounter: error: adopting the volume: {e:#}");
+            sf.set_message(Some(format!("adopting the volume failed: {e:#}")));
+        }
+    }
+    for extra in &args.images {
+        if !wanted.contains(extra) {
+            wanted.push(extra.clone());
+            if !args.fallback_pull {
+                sf.update_image(status::ImageStatus {
+                    reference: extra.clone(),
+                    state: status::ImageState::Failed,
+                    digest: None,
+                    attempts: 0,
+                    last_error: Some("not on the volume, and --fallback-pull is off".into()),
+                    seconds: None,
+                    next_retry_at: None,
+                });
+            }
+        }
+    }
+    sf.write_or_warn();
+
+    let status = Arc::new(Mutex::new(sf));
+    if args.fallback_pull && !wanted.is_empty() {
+        status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_phase(Phase::Pulling);
+        let mut credentials = Credentials::anonymous();
+        if let Some(path) = &args.registry_config {
+            credentials.load_docker_config(path)?;
+        }
+        if let (Some(config), Some(bin_dir)) = (
+            &args.credential_provider_config,
+            &args.credential_provider_bin_dir,
+        ) {
+            credentials.load_providers(config, bin_dir)?;
+        }
+        let options = PullOptions {
+            address: args.address.clone(),
+            concurrency: fallback::DEFAULT_CONCURRENCY,
+            max_failures: args.max_failures,
+            initial_backoff: args.initial_backoff,
+            max_backoff: args.max_backoff,
+            deadline,
+        };
+        // Images the volume provided are found present: they stay "seeded".
+        fallback::ensure_images(&wanted, Arc::new(credentials), &options, status.clone()).await;
+    }
+
+    let mut sf = status.lock().unwrap_or_else(|p| p.into_inner());
+    let images = sf.status().images.clone();
+    let code = if images.is_empty() {
+        // Nothing wanted and nothing adopted: a broken volume, no fallback.
+        status::EXIT_FAILED
+    } else {
+        status::exit_code(&images)
+    };
+    sf.set_phase(if code == status::EXIT_FAILED {
+        Phase::Failed
+    } else {
+        Phase::Done
+    });
+    sf.set_exit_code(code);
+    sf.write_or_warn();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "adopt": adopted.as_ref().ok(),
+                "adoptError": adopted.as_ref().err().map(|e| format!("{e:#}")),
+                "images": images,
+                "exitCode": code,
+            }))?
+        );
+    } else if let Ok(report) = &adopted {
+        eprintln!(
+            "coral-node-mounter: {} images adopted ({} blobs and {} layers moved in, {} and {} already there) in {:.3}s",
+            report.images.len(),
+            report.blobs_adopted,
+            report.layers_adopted,
+            report.blobs_present,
+            report.layers_present,
+            report.seconds
+        );
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Reads the volume's manifest (checking `--expect`) and adopts it.
+async fn adopt_volume(args: &ImportArgs) -> Result<adopt::AdoptReport> {
     let manifest = read_manifest(&args.seed, args.expect.as_deref())?;
     if args.mode == Mode::Copy {
         bail!("--mode copy is not implemented yet");
@@ -243,38 +394,10 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
         platform,
         pin: args.pin,
     };
-    let work = async {
-        let channel = containerd_client::connect(&args.address)
-            .await
-            .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
-        adopt::adopt(channel, &args.seed, &manifest, &opts).await
-    };
-    let deadline = args
-        .deadline
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--deadline: {e}"))?;
-    let report = match deadline {
-        Some(d) => tokio::time::timeout(d, work)
-            .await
-            .map_err(|_| anyhow::anyhow!("the import did not finish within --deadline {d:?}"))??,
-        None => work.await?,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        eprintln!(
-            "coral-node-mounter: {} images ready ({} blobs and {} layers adopted, {} and {} already there) in {:.3}s",
-            report.images.len(),
-            report.blobs_adopted,
-            report.layers_adopted,
-            report.blobs_present,
-            report.layers_present,
-            report.seconds
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    let channel = containerd_client::connect(&args.address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
+    adopt::adopt(channel, &args.seed, &manifest, &opts).await
 }
 
 fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {

@@ -221,7 +221,7 @@ async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> R
             .arg("--seed")
             .arg(&vol.0))?)?;
         ensure!(
-            again["blobsAdopted"] == 0 && again["layersAdopted"] == 0,
+            again["adopt"]["blobsAdopted"] == 0 && again["adopt"]["layersAdopted"] == 0,
             "second import: {again}"
         );
 
@@ -290,5 +290,95 @@ async fn adopt_refuses_a_volume_other_than_the_one_expected() -> Result<()> {
     if !cri_images(&c).await?.is_empty() {
         bail!("images were registered from a refused volume");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_image_missing_from_the_volume_arrives_through_the_cri_fallback() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, &["tiny", "layered"], &["linux/amd64"], &built, &[])?;
+    let missing = format!("{}/{}:latest", reg.host(), Corpus::repository("minbase"));
+    for b in &containerd::available()? {
+        let image = work.path().join(format!("node-{}.img", b.version));
+        std::fs::copy(&built, &image)?;
+        let vol = Mounted::read_write(&image)?;
+        let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+        let c = Containerd::start_with_root(b, &[&reg], state, vol.0.clone()).await?;
+        let status_file = work.path().join(format!("status-{}.json", b.version));
+        let o = Command::new(workspace_bin("coral-node-mounter")?)
+            .args([
+                "import",
+                "--fallback-pull",
+                "--initial-backoff",
+                "100ms",
+                "--image",
+                &missing,
+            ])
+            .arg("--address")
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0)
+            .arg("--status-file")
+            .arg(&status_file)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        ensure!(
+            o.status.code() == Some(10),
+            "containerd {}: exit {:?}, expected 10 (some pulled):\n{stderr}",
+            b.version,
+            o.status.code()
+        );
+        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file)?)?;
+        let state_of = |needle: &str| -> String {
+            status["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|i| i["reference"].as_str().is_some_and(|r| r.contains(needle)))
+                .map(|i| i["state"].as_str().unwrap_or("?").to_string())
+                .unwrap_or_else(|| "absent".into())
+        };
+        ensure!(
+            state_of("/coral/tiny:") == "seeded" && state_of("/coral/layered:") == "seeded",
+            "{status}"
+        );
+        ensure!(state_of("/coral/minbase:") == "pulled", "{status}");
+        ensure!(
+            status["phase"] == "done" && status["exitCode"] == 10,
+            "{status}"
+        );
+        let images = cri_images(&c).await?;
+        for name in ["tiny", "layered", "minbase"] {
+            ensure!(
+                images
+                    .values()
+                    .any(|(tags, _)| tags.iter().any(|t| t.contains(&format!("/coral/{name}:")))),
+                "containerd {}: CRI does not list {name}: {images:?}",
+                b.version
+            );
+        }
+        check_runs_one(&c, corpus, &reg.host(), "minbase")?;
+    }
+    Ok(())
+}
+
+fn check_runs_one(c: &Containerd, corpus: &Corpus, host: &str, name: &str) -> Result<()> {
+    let check = corpus.image(name).run.as_ref().context("runnable")?;
+    let reference = format!("{host}/{}:latest", Corpus::repository(name));
+    let out = run(c
+        .ctr()
+        .args([
+            "--namespace",
+            "k8s.io",
+            "run",
+            "--rm",
+            &reference,
+            &format!("one-{name}"),
+        ])
+        .args(&check.argv))?;
+    ensure!(out == check.stdout, "{reference} printed {out:?}");
     Ok(())
 }
