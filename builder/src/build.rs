@@ -82,6 +82,13 @@ fn flatten(e: Arc<anyhow::Error>) -> anyhow::Error {
 /// Removes everything under `.coral/` that is not final, and every final
 /// blob or layer not in `keep_*` (left from another seed set).
 fn prune(layout: &SeedLayout, blobs: &BTreeSet<Digest>, chains: &BTreeSet<ChainId>) -> Result<()> {
+    for d in [
+        layout.dir(),
+        layout.layers_dir(),
+        layout.blobs_dir().join("sha256"),
+    ] {
+        remove_trash(&d)?;
+    }
     let tmp = layout.tmp_dir();
     if tmp.exists() {
         remove_tree(&tmp)?;
@@ -114,18 +121,42 @@ fn prune(layout: &SeedLayout, blobs: &BTreeSet<Digest>, chains: &BTreeSet<ChainI
     Ok(())
 }
 
-fn remove_tree(p: &Path) -> Result<()> {
+/// Removes a file or a whole tree. A tree is first renamed aside, so a
+/// removal cut short by a kill never leaves a half-empty tree under a name
+/// a resumed build would trust as complete.
+pub fn remove_tree(p: &Path) -> Result<()> {
     let m = match std::fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", p.display())),
     };
-    if m.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
+    if !m.is_dir() {
+        return std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()));
     }
-    .with_context(|| format!("removing {}", p.display()))
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let trash = p.with_file_name(format!(".{name}.coral-trash-{}", std::process::id()));
+    std::fs::rename(p, &trash)
+        .with_context(|| format!("moving {} aside to remove it", p.display()))?;
+    std::fs::remove_dir_all(&trash).with_context(|| format!("removing {}", trash.display()))
+}
+
+/// Removes what removals cut short by a kill left in `dir` (see [`remove_tree`]).
+pub fn remove_trash(dir: &Path) -> Result<()> {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            // Best effort: another build may be removing its own trash here.
+            if e.file_name().to_string_lossy().contains(".coral-trash-")
+                && let Err(err) = std::fs::remove_dir_all(e.path())
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing {}: {err}", e.path().display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

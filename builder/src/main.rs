@@ -312,6 +312,10 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         .work_dir
         .clone()
         .unwrap_or_else(|| default_work_dir(&args.output));
+    if let Some(parent) = work_dir.parent() {
+        // What an earlier run was removing when it was killed.
+        coral_builder::build::remove_trash(parent)?;
+    }
     let layout = SeedLayout::new(work_dir.join("root"));
     std::fs::create_dir_all(layout.dir())
         .with_context(|| format!("creating the work directory {}", work_dir.display()))?;
@@ -414,7 +418,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     }
     if !args.keep_work {
         drop(_lock);
-        std::fs::remove_dir_all(&work_dir)
+        coral_builder::build::remove_tree(&work_dir)
             .with_context(|| format!("removing the work directory {}", work_dir.display()))?;
     }
     Ok(ExitCode::SUCCESS)
