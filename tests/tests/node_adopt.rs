@@ -382,3 +382,71 @@ fn check_runs_one(c: &Containerd, corpus: &Corpus, host: &str, name: &str) -> Re
     ensure!(out == check.stdout, "{reference} printed {out:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let node = workspace_bin("coral-node-mounter")?;
+    for b in &containerd::available()? {
+        let pulled = Containerd::start(b, &[&reg]).await?;
+        let mut svc = cri::image_service(pulled.address()).await?;
+        for name in IMAGES {
+            cri::pull(
+                &mut svc,
+                &format!("{}/{}:latest", reg.host(), Corpus::repository(name)),
+            )
+            .await?;
+        }
+        let want = cri_images(&pulled).await?;
+        drop(pulled);
+
+        let image = work.path().join(format!("node-{}.img", b.version));
+        std::fs::copy(&built, &image)?;
+        let vol = Mounted::read_write(&image)?;
+        let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+        let c = Containerd::start_with_root(b, &[&reg], state, vol.0.clone()).await?;
+        let mut cmd = Command::new(&node);
+        cmd.arg("import")
+            .arg("--address")
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut kills = 0;
+        for ms in [10u64, 30, 60, 100, 150, 220, 300, 450] {
+            let mut child = cmd.spawn()?;
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            if child.try_wait()?.is_none() {
+                child.kill()?;
+                kills += 1;
+            }
+            child.wait()?;
+        }
+        let o = cmd.stderr(std::process::Stdio::piped()).output()?;
+        ensure!(
+            o.status.success(),
+            "containerd {}: the import after {kills} kills failed: {}",
+            b.version,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ensure!(
+            kills >= 2,
+            "containerd {}: the import finished before most kill points ({kills} kills)",
+            b.version
+        );
+        ensure!(
+            cri_images(&c).await? == want,
+            "containerd {}: after kills, CRI differs from a pull",
+            b.version
+        );
+        images_check(&c)?;
+        check_runs(&c, corpus, &reg.host()).await?;
+        println!("containerd {}: converged after {kills} kills", b.version);
+    }
+    Ok(())
+}
