@@ -109,20 +109,8 @@ struct ImportArgs {
     /// so a node whose volume is missing or broken knows what to pull.
     #[arg(long = "image", value_name = "REF")]
     images: Vec<String>,
-    /// A docker config.json for fallback pulls.
-    #[arg(long, value_name = "FILE")]
-    registry_config: Option<PathBuf>,
-    /// kubelet's CredentialProviderConfig, for fallback pulls.
-    #[arg(long, value_name = "FILE", requires = "credential_provider_bin_dir")]
-    credential_provider_config: Option<PathBuf>,
-    #[arg(long, value_name = "DIR", requires = "credential_provider_config")]
-    credential_provider_bin_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = fallback::DEFAULT_MAX_FAILURES, value_parser = clap::value_parser!(u32).range(1..))]
-    max_failures: u32,
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    initial_backoff: Duration,
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-    max_backoff: Duration,
+    #[command(flatten)]
+    pull: PullFlags,
     /// Where the JSON status (phase, and each image's state) is kept.
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
@@ -138,6 +126,25 @@ struct PrefetchArgs {
     /// An image to make present (repeatable; several may follow one --image).
     #[arg(long = "image", value_name = "REF", num_args = 1.., required = true)]
     images: Vec<String>,
+    /// Pulls at once.
+    #[arg(long, default_value_t = fallback::DEFAULT_CONCURRENCY, value_parser = at_least_one)]
+    concurrency: usize,
+    #[command(flatten)]
+    pull: PullFlags,
+    /// Stop after this long, whatever is left (counted from the start).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    deadline: Duration,
+    /// Keep a JSON status document here, updated as pulls progress.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How `prefetch` and `import --fallback-pull` pull through CRI.
+#[derive(Args)]
+struct PullFlags {
     /// A docker config.json whose `auths` hold registry credentials (as
     /// kubelet reads /var/lib/kubelet/config.json).
     #[arg(long, value_name = "FILE")]
@@ -150,9 +157,6 @@ struct PrefetchArgs {
     /// --image-credential-provider-bin-dir).
     #[arg(long, value_name = "DIR", requires = "credential_provider_config")]
     credential_provider_bin_dir: Option<PathBuf>,
-    /// Pulls at once.
-    #[arg(long, default_value_t = fallback::DEFAULT_CONCURRENCY, value_parser = at_least_one)]
-    concurrency: usize,
     /// Give an image up once its failures add up to this (a refusal from the
     /// registry, such as not found or unauthorized, counts 2).
     #[arg(long, default_value_t = fallback::DEFAULT_MAX_FAILURES, value_parser = clap::value_parser!(u32).range(1..))]
@@ -163,15 +167,22 @@ struct PrefetchArgs {
     /// No retry waits longer than this.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     max_backoff: Duration,
-    /// Stop after this long, whatever is left (counted from the start).
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-    deadline: Duration,
-    /// Keep a JSON status document here, updated as pulls progress.
-    #[arg(long, value_name = "FILE")]
-    status_file: Option<PathBuf>,
-    /// Print the results as JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+/// The credentials kubelet would use: a docker config and the credential
+/// provider plugins.
+fn load_credentials(flags: &PullFlags) -> Result<Credentials> {
+    let mut credentials = Credentials::anonymous();
+    if let Some(path) = &flags.registry_config {
+        credentials.load_docker_config(path)?;
+    }
+    if let (Some(config), Some(bin_dir)) = (
+        &flags.credential_provider_config,
+        &flags.credential_provider_bin_dir,
+    ) {
+        credentials.load_providers(config, bin_dir)?;
+    }
+    Ok(credentials)
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -315,22 +326,13 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_phase(Phase::Pulling);
-        let mut credentials = Credentials::anonymous();
-        if let Some(path) = &args.registry_config {
-            credentials.load_docker_config(path)?;
-        }
-        if let (Some(config), Some(bin_dir)) = (
-            &args.credential_provider_config,
-            &args.credential_provider_bin_dir,
-        ) {
-            credentials.load_providers(config, bin_dir)?;
-        }
+        let credentials = load_credentials(&args.pull)?;
         let options = PullOptions {
             address: args.address.clone(),
             concurrency: fallback::DEFAULT_CONCURRENCY,
-            max_failures: args.max_failures,
-            initial_backoff: args.initial_backoff,
-            max_backoff: args.max_backoff,
+            max_failures: args.pull.max_failures,
+            initial_backoff: args.pull.initial_backoff,
+            max_backoff: args.pull.max_backoff,
             deadline,
         };
         // Images the volume provided are found present: they stay "seeded".
@@ -409,7 +411,7 @@ fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {
     sf.set_phase(Phase::Pulling);
     sf.write_or_warn();
 
-    let credentials = match load_credentials(&args) {
+    let credentials = match load_credentials(&args.pull) {
         Ok(c) => c,
         Err(e) => {
             sf.set_phase(Phase::Failed);
@@ -422,9 +424,9 @@ fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {
     let options = PullOptions {
         address: args.address.clone(),
         concurrency: args.concurrency,
-        max_failures: args.max_failures,
-        initial_backoff: args.initial_backoff,
-        max_backoff: args.max_backoff,
+        max_failures: args.pull.max_failures,
+        initial_backoff: args.pull.initial_backoff,
+        max_backoff: args.pull.max_backoff,
         deadline: started + args.deadline,
     };
     let status = Arc::new(Mutex::new(sf));
@@ -474,20 +476,6 @@ fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(code))
-}
-
-fn load_credentials(args: &PrefetchArgs) -> Result<Credentials> {
-    let mut credentials = Credentials::anonymous();
-    if let Some(path) = &args.registry_config {
-        credentials.load_docker_config(path)?;
-    }
-    if let (Some(config), Some(bin_dir)) = (
-        &args.credential_provider_config,
-        &args.credential_provider_bin_dir,
-    ) {
-        credentials.load_providers(config, bin_dir)?;
-    }
-    Ok(credentials)
 }
 
 fn summary(r: &ImageResult) -> String {

@@ -72,3 +72,13 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg("-d").arg(&self.0).status();
     }
 }
+
+/// `sha256sum` of a file, hex.
+pub fn sha256_file(p: &Path) -> Result<String> {
+    let out = run(Command::new("sha256sum").arg(p))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}

@@ -12,7 +12,7 @@ use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::process::run;
 use coral_tests::registry::RegistryOptions;
-use coral_tests::seed::{Mounted, build};
+use coral_tests::seed::{Mounted, build, sha256_file};
 use coral_tests::treecmp::{self, Options};
 use coral_tests::workspace_bin;
 
@@ -362,15 +362,6 @@ fn base64_encode(data: &[u8]) -> String {
         }
     }
     s
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    let out = run(Command::new("sha256sum").arg(p))?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
 }
 
 #[tokio::test]

@@ -128,6 +128,25 @@ fn images_check(c: &Containerd) -> Result<()> {
     Ok(())
 }
 
+/// The reference: `b` pulling every image of [`IMAGES`] from `reg` itself,
+/// and what CRI then lists.
+async fn pulled_reference(
+    b: &containerd::ContainerdBuild,
+    reg: &coral_tests::registry::Registry,
+) -> Result<(Containerd, BTreeMap<String, (Vec<String>, Vec<String>)>)> {
+    let pulled = Containerd::start(b, &[reg]).await?;
+    let mut svc = cri::image_service(pulled.address()).await?;
+    for name in IMAGES {
+        cri::pull(
+            &mut svc,
+            &format!("{}/{}:latest", reg.host(), Corpus::repository(name)),
+        )
+        .await?;
+    }
+    let want = cri_images(&pulled).await?;
+    Ok((pulled, want))
+}
+
 #[tokio::test]
 async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> Result<()> {
     let corpus = Corpus::get()?;
@@ -139,16 +158,7 @@ async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> R
 
     for b in &containerd::available()? {
         // The reference: the same containerd pulling from the registry.
-        let pulled = Containerd::start(b, &[&reg]).await?;
-        let mut svc = cri::image_service(pulled.address()).await?;
-        for name in IMAGES {
-            cri::pull(
-                &mut svc,
-                &format!("{}/{}:latest", reg.host(), Corpus::repository(name)),
-            )
-            .await?;
-        }
-        let want = cri_images(&pulled).await?;
+        let (pulled, want) = pulled_reference(b, &reg).await?;
 
         // The node: a copy of the volume mounted as a fresh containerd's root.
         let image = work.path().join(format!("node-{}.img", b.version));
@@ -392,16 +402,7 @@ async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> 
     build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
     let node = workspace_bin("coral-node-mounter")?;
     for b in &containerd::available()? {
-        let pulled = Containerd::start(b, &[&reg]).await?;
-        let mut svc = cri::image_service(pulled.address()).await?;
-        for name in IMAGES {
-            cri::pull(
-                &mut svc,
-                &format!("{}/{}:latest", reg.host(), Corpus::repository(name)),
-            )
-            .await?;
-        }
-        let want = cri_images(&pulled).await?;
+        let (pulled, want) = pulled_reference(b, &reg).await?;
         drop(pulled);
 
         let image = work.path().join(format!("node-{}.img", b.version));
