@@ -13,6 +13,13 @@
 //!   collector follows (`containerd.io/gc.ref.*`, `containerd.io/uncompressed`,
 //!   distribution source).
 //!
+//! `--mode copy` does the same from a volume mounted elsewhere (read-only
+//! is enough): each blob containerd lacks is streamed through a content
+//! Write (containerd checks its digest), and each layer tree is copied
+//! exactly ([`crate::copytree`]) into a staging directory in the
+//! snapshotter's root, several at once, then moved into its snapshot as
+//! above.
+//!
 //! All of it happens under a lease, so nothing is collected half-way; the
 //! lease is removed at the end, when the images hold everything. Each step
 //! checks first whether it is already done, so a re-run (or a run after a
@@ -46,9 +53,24 @@ pub const LABEL_CRI_MANAGED: &str = "io.cri-containerd.image";
 pub const LABEL_CRI_PINNED: &str = "io.cri-containerd.pinned";
 pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 const LEASE_PREFIX: &str = "coral-import-";
+/// `--mode copy` copies layer trees here, in the snapshotter's root.
+const COPY_STAGING: &str = "coral-copy";
+
+/// How the volume's bytes reach containerd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ImportMode {
+    /// The volume is containerd's root: blobs and trees are moved (renamed).
+    Adopt,
+    /// The volume is mounted elsewhere (read-only is enough): blobs are
+    /// written through the content API and layer trees copied, `jobs` at
+    /// a time.
+    Copy { jobs: usize },
+}
 
 #[derive(Debug, Clone)]
 pub struct AdoptOptions {
+    pub mode: ImportMode,
     pub namespace: String,
     pub snapshotter: String,
     /// The node's platform: images of other platforms on the volume are left alone.
@@ -60,6 +82,7 @@ pub struct AdoptOptions {
 impl Default for AdoptOptions {
     fn default() -> Self {
         AdoptOptions {
+            mode: ImportMode::Adopt,
             namespace: "k8s.io".into(),
             snapshotter: "overlayfs".into(),
             platform: Platform::host(),
@@ -84,6 +107,8 @@ pub struct AdoptReport {
     pub images: Vec<AdoptedImage>,
     /// Steps this containerd did not allow, done another way.
     pub fallbacks: Vec<String>,
+    /// `--mode copy`: bytes of blob and file data written (holes not counted).
+    pub bytes_copied: u64,
     pub seconds: f64,
 }
 
@@ -97,6 +122,7 @@ pub struct AdoptedImage {
 }
 
 /// gRPC calls in one namespace, under one lease.
+#[derive(Clone)]
 struct Ctr {
     channel: Channel,
     namespace: String,
@@ -189,10 +215,11 @@ pub async fn adopt(
     let started = Instant::now();
     let layout = SeedLayout::new(root);
     // Where this containerd keeps content, as it says itself.
-    let content_root = plugin_root(&channel, "io.containerd.content.v1")
+    let content_root = plugin_root(&channel, "type==io.containerd.content.v1")
         .await?
         .unwrap_or_else(|| root.join(CONTENT_DIR));
-    if content_root != root.join(CONTENT_DIR) {
+    let adopting = opts.mode == ImportMode::Adopt;
+    if adopting && content_root != root.join(CONTENT_DIR) {
         bail!(
             "containerd keeps its content in {}, not on the volume at {}: the volume is not this \
              containerd's root (mount it at containerd's root before containerd starts, or use --mode copy)",
@@ -201,8 +228,10 @@ pub async fn adopt(
         );
     }
     let content_blobs = content_root.join("blobs/sha256");
-    std::fs::create_dir_all(&content_blobs)
-        .with_context(|| format!("creating {}", content_blobs.display()))?;
+    if adopting {
+        std::fs::create_dir_all(&content_blobs)
+            .with_context(|| format!("creating {}", content_blobs.display()))?;
+    }
     let images = images_for_platform(manifest, &opts.platform);
     if images.is_empty() {
         bail!(
@@ -343,6 +372,13 @@ pub async fn adopt(
     };
     let mut plans: Vec<&BlobPlan> = blobs.values().collect();
     plans.sort_by_key(|p| order(p));
+    if let ImportMode::Copy { jobs } = opts.mode {
+        // The data first, in parallel; the loop below then finds each blob
+        // present and labels it.
+        let (written, bytes) = copy_blobs(&ctr, &layout, &plans, jobs).await?;
+        report.blobs_adopted += written;
+        report.bytes_copied += bytes;
+    }
     for plan in plans {
         if adopt_blob(&ctr, &layout, &content_blobs, plan, &mut report).await? {
             report.blobs_adopted += 1;
@@ -351,7 +387,31 @@ pub async fn adopt(
         }
     }
 
-    // 2. Snapshots, bottom-up per image; each chain once.
+    // 2. Snapshots, bottom-up per image; each chain once. In copy mode the
+    // trees are first copied, in parallel, next to the snapshotter's
+    // directories, and from there moved in as adopt moves them.
+    let staging = match opts.mode {
+        ImportMode::Adopt => None,
+        ImportMode::Copy { jobs } => {
+            let staging = staging_dir(&ctr, &opts.snapshotter, &content_root).await?;
+            let chains: BTreeSet<&ChainId> = images
+                .iter()
+                .flat_map(|i| i.layers.iter().map(|l| &l.chain_id))
+                .collect();
+            let mut missing = Vec::new();
+            for chain in chains {
+                if !snapshot_exists(&ctr, &opts.snapshotter, chain).await? {
+                    missing.push(chain.clone());
+                }
+            }
+            report.bytes_copied += copy_layers(&layout, &staging, missing, jobs).await?;
+            Some(staging)
+        }
+    };
+    let tree_of = |chain: &ChainId| match &staging {
+        None => layout.layer(chain),
+        Some(dir) => dir.join(chain.hex()),
+    };
     let mut done: BTreeSet<ChainId> = BTreeSet::new();
     for img in &images {
         let mut parent: Option<&ChainId> = None;
@@ -359,11 +419,10 @@ pub async fn adopt(
             if done.insert(l.chain_id.clone()) {
                 if adopt_layer(
                     &ctr,
-                    &layout,
+                    &tree_of(&l.chain_id),
                     &opts.snapshotter,
                     &l.chain_id,
                     parent,
-                    &mut report,
                 )
                 .await?
                 {
@@ -416,6 +475,12 @@ pub async fn adopt(
         });
     }
 
+    if let Some(dir) = &staging {
+        // Every staged tree has been moved in; an error here leaves only an
+        // empty directory.
+        let _ = std::fs::remove_dir(dir);
+    }
+
     // The images hold everything now.
     let del = containerd_client::services::v1::DeleteRequest {
         id: lease_id,
@@ -432,12 +497,12 @@ pub async fn adopt(
 }
 
 /// The `root` a containerd plugin of `kind` exports (introspection), if any.
-async fn plugin_root(channel: &Channel, kind: &str) -> Result<Option<PathBuf>> {
+async fn plugin_root(channel: &Channel, filter: &str) -> Result<Option<PathBuf>> {
     use containerd_client::services::v1::PluginsRequest;
     use containerd_client::services::v1::introspection_client::IntrospectionClient;
     let plugins = IntrospectionClient::new(channel.clone())
         .plugins(Request::new(PluginsRequest {
-            filters: vec![format!("type=={kind}")],
+            filters: vec![filter.to_string()],
         }))
         .await
         .context("containerd introspection")?
@@ -606,25 +671,14 @@ fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
 /// run moved it in.
 async fn adopt_layer(
     ctr: &Ctr,
-    layout: &SeedLayout,
+    tree: &Path,
     snapshotter: &str,
     chain: &ChainId,
     parent: Option<&ChainId>,
-    _report: &mut AdoptReport,
 ) -> Result<bool> {
-    let stat = ctr
-        .snapshots()
-        .stat(ctr.req(StatSnapshotRequest {
-            snapshotter: snapshotter.into(),
-            key: chain.to_string(),
-        }))
-        .await;
-    match stat {
-        Ok(_) => return Ok(false),
-        Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => return Err(anyhow!(s)).with_context(|| format!("snapshot Stat {chain}")),
+    if snapshot_exists(ctr, snapshotter, chain).await? {
+        return Ok(false);
     }
-    let tree = layout.layer(chain);
     let key = format!("coral-adopt-{}", chain.hex());
     let prepare = PrepareSnapshotRequest {
         snapshotter: snapshotter.into(),
@@ -673,7 +727,7 @@ async fn adopt_layer(
     let upper = upper_dir(&mounts)?;
     if tree.exists() {
         let (a, b) = (
-            std::fs::metadata(&tree)?.dev(),
+            std::fs::metadata(tree)?.dev(),
             std::fs::metadata(&upper)?.dev(),
         );
         if a != b {
@@ -687,7 +741,7 @@ async fn adopt_layer(
         std::fs::remove_dir(&upper).with_context(|| {
             format!("removing the fresh snapshot directory {}", upper.display())
         })?;
-        std::fs::rename(&tree, &upper)
+        std::fs::rename(tree, &upper)
             .with_context(|| format!("moving {} to {}", tree.display(), upper.display()))?;
     } else if std::fs::read_dir(&upper)?.next().is_none() {
         bail!(
@@ -705,6 +759,227 @@ async fn adopt_layer(
         .await
         .with_context(|| format!("snapshot Commit {chain}"))?;
     Ok(true)
+}
+
+/// Whether the committed snapshot `chain` exists.
+async fn snapshot_exists(ctr: &Ctr, snapshotter: &str, chain: &ChainId) -> Result<bool> {
+    let stat = ctr
+        .snapshots()
+        .stat(ctr.req(StatSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            key: chain.to_string(),
+        }))
+        .await;
+    match stat {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == Code::NotFound => Ok(false),
+        Err(s) => Err(anyhow!(s)).with_context(|| format!("snapshot Stat {chain}")),
+    }
+}
+
+/// Where `--mode copy` copies layer trees before moving them into their
+/// snapshots: inside the snapshotter's root, so the move is a rename.
+async fn staging_dir(ctr: &Ctr, snapshotter: &str, content_root: &Path) -> Result<PathBuf> {
+    let root = plugin_root(
+        &ctr.channel,
+        &format!("type==io.containerd.snapshotter.v1,id=={snapshotter}"),
+    )
+    .await?
+    // Older containerd does not export it: the default layout.
+    .or_else(|| {
+        content_root
+            .parent()
+            .map(|r| r.join(format!("io.containerd.snapshotter.v1.{snapshotter}")))
+    })
+    .with_context(|| format!("where the {snapshotter} snapshotter keeps its snapshots"))?;
+    let dir = root.join(COPY_STAGING);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Copies the trees of `chains` from the volume into `staging/<hex>`,
+/// `jobs` at a time; returns the bytes of file data written. A tree is
+/// copied under a `.partial` name and renamed when complete, so a killed
+/// run leaves only partial copies, which the next run discards.
+async fn copy_layers(
+    layout: &SeedLayout,
+    staging: &Path,
+    chains: Vec<ChainId>,
+    jobs: usize,
+) -> Result<u64> {
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for chain in chains {
+        let src = layout.layer(&chain);
+        let done = staging.join(chain.hex());
+        let partial = staging.join(format!("{}.partial", chain.hex()));
+        let limit = limit.clone();
+        tasks.spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            tokio::task::spawn_blocking(move || -> Result<u64> {
+                if done.exists() {
+                    return Ok(0);
+                }
+                if !src.is_dir() {
+                    bail!(
+                        "layer {chain} is missing from the volume ({})",
+                        src.display()
+                    );
+                }
+                if partial.exists() {
+                    std::fs::remove_dir_all(&partial)
+                        .with_context(|| format!("removing {}", partial.display()))?;
+                }
+                let stats = crate::copytree::copy_tree(&src, &partial)
+                    .with_context(|| format!("copying layer {chain}"))?;
+                std::fs::rename(&partial, &done)
+                    .with_context(|| format!("renaming {}", partial.display()))?;
+                Ok(stats.bytes)
+            })
+            .await
+            .context("a layer copy panicked")?
+        });
+    }
+    let mut bytes = 0;
+    while let Some(r) = tasks.join_next().await {
+        bytes += r.context("a layer copy task")??;
+    }
+    Ok(bytes)
+}
+
+/// Writes the blobs containerd does not have through its content API,
+/// `jobs` at a time; returns how many it wrote and their bytes.
+async fn copy_blobs(
+    ctr: &Ctr,
+    layout: &SeedLayout,
+    plans: &[&BlobPlan],
+    jobs: usize,
+) -> Result<(u64, u64)> {
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for plan in plans {
+        let (ctr, limit) = (ctr.clone(), limit.clone());
+        let (digest, size, path) = (plan.digest.clone(), plan.size, layout.blob(&plan.digest));
+        tasks.spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let info = ctr
+                .content()
+                .info(ctr.req(InfoRequest {
+                    digest: digest.to_string(),
+                }))
+                .await;
+            match info {
+                Ok(_) => Ok(None),
+                Err(s) if s.code() == Code::NotFound => copy_blob(&ctr, &path, &digest, size)
+                    .await
+                    .with_context(|| format!("writing blob {digest} to containerd"))
+                    .map(Some),
+                Err(s) => Err(anyhow!(s)).with_context(|| format!("content Info {digest}")),
+            }
+        });
+    }
+    let (mut count, mut bytes) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        if let Some(n) = r.context("a blob write task")?? {
+            count += 1;
+            bytes += n;
+        }
+    }
+    Ok((count, bytes))
+}
+
+/// Streams one blob from the volume through a content Write; containerd
+/// checks size and digest before it commits. An ingest a killed run left
+/// is resumed where it stopped.
+async fn copy_blob(ctr: &Ctr, path: &Path, d: &Digest, size: u64) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let r#ref = format!("coral-copy-{}", d.hex());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let base = WriteContentRequest {
+        r#ref: r#ref.clone(),
+        total: size as i64,
+        expected: d.to_string(),
+        ..Default::default()
+    };
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("blob {d} is missing from the volume ({})", path.display()))?;
+    tx.send(WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        ..base.clone()
+    })
+    .await
+    .ok();
+    let mut stream = match ctr
+        .content()
+        .write(ctr.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) if s.code() == Code::AlreadyExists => return Ok(0),
+        Err(s) => return Err(anyhow!(s)),
+    };
+    let start = match stream.message().await {
+        Ok(Some(m)) => m.offset.clamp(0, size as i64) as u64,
+        Ok(None) => bail!("containerd closed the write stream"),
+        Err(s) if s.code() == Code::AlreadyExists => return Ok(0),
+        Err(s) => return Err(anyhow!(s)),
+    };
+    // The data goes out from one task while this one reads containerd's
+    // answers, so neither side's flow control stalls the other.
+    let sender = tokio::spawn({
+        let (path, base) = (path.to_path_buf(), base.clone());
+        async move {
+            file.seek(std::io::SeekFrom::Start(start)).await?;
+            let mut offset = start;
+            let mut buf = vec![0u8; 1 << 20];
+            while offset < size {
+                let want = (size - offset).min(buf.len() as u64) as usize;
+                let n = file.read(&mut buf[..want]).await?;
+                if n == 0 {
+                    bail!("{} is shorter than its {size} bytes", path.display());
+                }
+                let chunk = WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    offset: offset as i64,
+                    data: buf[..n].to_vec(),
+                    ..base.clone()
+                };
+                if tx.send(chunk).await.is_err() {
+                    return Ok(offset - start); // the stream ended: its error tells why
+                }
+                offset += n as u64;
+            }
+            let commit = WriteContentRequest {
+                action: WriteAction::Commit as i32,
+                offset: size as i64,
+                ..base
+            };
+            tx.send(commit).await.ok();
+            anyhow::Ok(offset - start)
+        }
+    });
+    let answer = loop {
+        match stream.message().await {
+            Ok(Some(m)) if m.action == WriteAction::Commit as i32 => break Ok(()),
+            Ok(Some(_)) => {}
+            Ok(None) => break Err(anyhow!("containerd ended the write before the commit")),
+            Err(s) if s.code() == Code::AlreadyExists => break Ok(()),
+            Err(s) => break Err(anyhow!(s)),
+        }
+    };
+    if answer.is_err() {
+        sender.abort();
+    }
+    let sent = sender.await;
+    answer?;
+    sent.context("the blob sender")?
 }
 
 async fn put_image(

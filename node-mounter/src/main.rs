@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use coral_node_mounter::adopt::{self, AdoptOptions};
+use coral_node_mounter::adopt::{self, AdoptOptions, ImportMode};
 use coral_node_mounter::fallback::{self, Credentials, ImageResult, PullOptions, Source};
 use coral_node_mounter::mount::{self, DeviceSpec, HostRoots, MountOptions};
 use coral_node_mounter::status::{self, Phase, StatusFile};
@@ -36,6 +36,10 @@ enum Command {
     /// Register a mounted seed volume's images with containerd
     /// (exit 0 all seeded, 10 some pulled by fallback, 20 failed).
     Import(ImportArgs),
+    /// What user-data calls: mount the volume (over containerd's root for
+    /// adopt), wait for containerd, import; exit codes as import's. With
+    /// containerd already running, adopting is impossible: it copies.
+    Run(RunArgs),
     /// Pull images through CRI, as kubelet would, on a node without a seed
     /// volume: exit 0 when every image is in containerd (pulled or already
     /// there), 20 when any is not (failed, or the deadline passed).
@@ -63,6 +67,15 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// Leave what the target directory holds hidden under the mount,
+    /// instead of copying it onto the volume (by default, the machine
+    /// image's containerd state, e.g. its pause image, is carried over).
+    #[arg(long)]
+    no_carry_over: bool,
+    /// Where the target's old content is kept reachable while it is
+    /// carried over.
+    #[arg(long, value_name = "DIR", default_value = mount::DEFAULT_CARRY_DIR)]
+    carry_dir: PathBuf,
     /// Print the result as a JSON object.
     #[arg(long)]
     json: bool,
@@ -76,14 +89,27 @@ enum Mode {
 
 #[derive(Args)]
 struct ImportArgs {
-    /// containerd's socket (the same path on every node of a pool).
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    address: PathBuf,
     /// The mounted seed volume (for adopt: containerd's root directory).
     #[arg(long)]
     seed: PathBuf,
+    #[command(flatten)]
+    flags: ImportFlags,
+}
+
+/// What `import` and `run` share.
+#[derive(Args)]
+struct ImportFlags {
+    /// containerd's socket (the same path on every node of a pool).
+    #[arg(long, default_value = fallback::DEFAULT_ADDRESS)]
+    address: PathBuf,
+    /// adopt: the volume is containerd's root, and its bytes are moved into
+    /// place; copy: the volume is mounted elsewhere (read-only is enough),
+    /// and its bytes are written to containerd.
     #[arg(long, value_enum, default_value = "adopt")]
     mode: Mode,
+    /// `--mode copy`: blobs written and layer trees copied at once.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    copy_jobs: usize,
     #[arg(long, default_value = "k8s.io")]
     namespace: String,
     /// The seed manifest digest this node was told to expect (e.g. from user-data).
@@ -116,6 +142,32 @@ struct ImportArgs {
     status_file: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The device: a path, `auto`, `label:LABEL`, or `ebs:vol-…`.
+    #[arg(long, value_name = "PATH|auto|label:LABEL|ebs:vol-ID")]
+    device: DeviceSpec,
+    /// containerd's root directory: where adopt mounts the volume.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/containerd")]
+    root: PathBuf,
+    /// Where copy mode mounts the volume (read-only).
+    #[arg(long, value_name = "DIR", default_value = "/run/coral/seed")]
+    copy_target: PathBuf,
+    /// Grow the filesystem to the device's size (adopt).
+    #[arg(long)]
+    grow: bool,
+    /// How long to wait for the device to appear.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    wait: Duration,
+    /// Leave what containerd's root held hidden under the volume.
+    #[arg(long)]
+    no_carry_over: bool,
+    #[arg(long, value_name = "DIR", default_value = mount::DEFAULT_CARRY_DIR)]
+    carry_dir: PathBuf,
+    #[command(flatten)]
+    flags: ImportFlags,
 }
 
 #[derive(Args)]
@@ -205,14 +257,11 @@ fn main() -> ExitCode {
     let (result, failure) = match cli.command {
         Command::Mount(args) => (mount_cmd(args), 1),
         Command::Prefetch(args) => (prefetch_cmd(args), 1),
-        Command::Import(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
-            (runtime.block_on(import(args)), 20)
-        }
+        Command::Import(args) => (
+            runtime().block_on(import(&args.seed, &args.flags, Instant::now())),
+            20,
+        ),
+        Command::Run(args) => (runtime().block_on(run_cmd(args)), 20),
     };
     match result {
         Ok(code) => code,
@@ -221,6 +270,14 @@ fn main() -> ExitCode {
             ExitCode::from(failure)
         }
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 fn mount_cmd(args: MountArgs) -> Result<ExitCode> {
@@ -232,6 +289,7 @@ fn mount_cmd(args: MountArgs) -> Result<ExitCode> {
         expect: args.expect,
         read_only: args.read_only,
         roots: HostRoots::default(),
+        carry_over: (!args.no_carry_over).then_some(args.carry_dir),
     };
     let mounted = mount::mount(&opts)?;
     if args.json {
@@ -263,8 +321,83 @@ fn read_manifest(root: &Path, expect: Option<&str>) -> Result<SeedManifest> {
     SeedManifest::from_json(&bytes).with_context(|| path.display().to_string())
 }
 
-async fn import(args: ImportArgs) -> Result<ExitCode> {
+/// Whether a containerd answers on `address` within a second.
+async fn containerd_answers(address: &Path) -> bool {
+    let attempt = async {
+        let channel = containerd_client::connect(address).await.ok()?;
+        containerd_client::services::v1::version_client::VersionClient::new(channel)
+            .version(())
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(_))
+    )
+}
+
+async fn run_cmd(mut args: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
+    let deadline = started + args.flags.deadline;
+    let expect = match &args.flags.expect {
+        Some(e) => Some(e.parse::<Digest>().context("--expect")?),
+        None => None,
+    };
+    // Adopting needs the volume under containerd before containerd starts.
+    if args.flags.mode == Mode::Adopt && containerd_answers(&args.flags.address).await {
+        eprintln!(
+            "coral-node-mounter: containerd is already running at {}: the volume cannot become \
+             its root now, so its images are copied (--mode copy) from {}",
+            args.flags.address.display(),
+            args.copy_target.display()
+        );
+        args.flags.mode = Mode::Copy;
+    }
+    let adopting = args.flags.mode == Mode::Adopt;
+    let opts = MountOptions {
+        device: args.device.clone(),
+        target: if adopting {
+            args.root.clone()
+        } else {
+            args.copy_target.clone()
+        },
+        grow: args.grow && adopting,
+        wait: args.wait,
+        expect,
+        read_only: !adopting,
+        roots: HostRoots::default(),
+        carry_over: (adopting && !args.no_carry_over).then(|| args.carry_dir.clone()),
+    };
+    let seed = opts.target.clone();
+    match tokio::task::spawn_blocking(move || mount::mount(&opts)).await? {
+        Ok(m) => eprintln!("coral-node-mounter: {}", m.summary()),
+        // The import finds no manifest, says so in the status file, and
+        // pulls what it can.
+        Err(e) => eprintln!("coral-node-mounter: error: mounting the seed volume: {e}"),
+    }
+    // containerd starts once the mount is there (systemd: After=coral-mount).
+    let mut waited = false;
+    while !containerd_answers(&args.flags.address).await {
+        if Instant::now() >= deadline {
+            bail!(
+                "containerd did not answer at {} within --deadline {:?}",
+                args.flags.address.display(),
+                args.flags.deadline
+            );
+        }
+        if !waited {
+            eprintln!(
+                "coral-node-mounter: waiting for containerd at {}",
+                args.flags.address.display()
+            );
+            waited = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    import(&seed, &args.flags, started).await
+}
+
+async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<ExitCode> {
     let deadline = started + args.deadline;
     let mut sf = match &args.status_file {
         Some(path) => StatusFile::new(path),
@@ -273,7 +406,7 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
     sf.set_phase(Phase::Importing);
     sf.write_or_warn();
 
-    let adopted = tokio::time::timeout_at(deadline.into(), adopt_volume(&args))
+    let adopted = tokio::time::timeout_at(deadline.into(), adopt_volume(seed, args))
         .await
         .unwrap_or_else(|_| {
             Err(anyhow::anyhow!(
@@ -379,11 +512,8 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
 }
 
 /// Reads the volume's manifest (checking `--expect`) and adopts it.
-async fn adopt_volume(args: &ImportArgs) -> Result<adopt::AdoptReport> {
-    let manifest = read_manifest(&args.seed, args.expect.as_deref())?;
-    if args.mode == Mode::Copy {
-        bail!("--mode copy is not implemented yet");
-    }
+async fn adopt_volume(seed: &Path, args: &ImportFlags) -> Result<adopt::AdoptReport> {
+    let manifest = read_manifest(seed, args.expect.as_deref())?;
     let platform = match &args.platform {
         Some(p) => p
             .parse::<Platform>()
@@ -391,6 +521,12 @@ async fn adopt_volume(args: &ImportArgs) -> Result<adopt::AdoptReport> {
         None => Platform::host(),
     };
     let opts = AdoptOptions {
+        mode: match args.mode {
+            Mode::Adopt => ImportMode::Adopt,
+            Mode::Copy => ImportMode::Copy {
+                jobs: args.copy_jobs,
+            },
+        },
         namespace: args.namespace.clone(),
         snapshotter: args.snapshotter.clone(),
         platform,
@@ -399,7 +535,7 @@ async fn adopt_volume(args: &ImportArgs) -> Result<adopt::AdoptReport> {
     let channel = containerd_client::connect(&args.address)
         .await
         .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
-    adopt::adopt(channel, &args.seed, &manifest, &opts).await
+    adopt::adopt(channel, seed, &manifest, &opts).await
 }
 
 fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {

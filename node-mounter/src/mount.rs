@@ -234,7 +234,16 @@ pub struct MountOptions {
     pub expect: Option<Digest>,
     pub read_only: bool,
     pub roots: HostRoots,
+    /// Carry what the target directory held (the machine image's containerd
+    /// state: the pause image and whatever else it pre-cached) over onto the
+    /// volume, instead of hiding it under the mount. The value is a
+    /// directory where the old content is kept reachable (a bind mount)
+    /// until it is copied; a run killed half-way finishes from there.
+    pub carry_over: Option<PathBuf>,
 }
+
+/// Where `mount` keeps a target's old content reachable while carrying it over.
+pub const DEFAULT_CARRY_DIR: &str = "/run/coral/carry-over";
 
 impl MountOptions {
     pub fn new(device: DeviceSpec, target: impl Into<PathBuf>) -> MountOptions {
@@ -246,6 +255,7 @@ impl MountOptions {
             expect: None,
             read_only: false,
             roots: HostRoots::default(),
+            carry_over: Some(PathBuf::from(DEFAULT_CARRY_DIR)),
         }
     }
 }
@@ -282,6 +292,16 @@ pub struct Mounted {
     pub seed_key: Digest,
     /// Number of images in the manifest.
     pub images: usize,
+    /// What the target held before and was copied onto the volume (names
+    /// of the entries of its top directory).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub carried_over: Vec<String>,
+    /// Entries the target held that the volume already had: the volume's
+    /// were kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub carry_skipped: Vec<String>,
+    /// Bytes of file data carried over.
+    pub carried_bytes: u64,
     /// Wall time of the whole step, waiting included.
     pub seconds: f64,
     /// The parsed manifest, for whatever runs next.
@@ -312,6 +332,13 @@ impl Mounted {
             if self.images == 1 { "" } else { "s" },
             self.manifest_digest,
         );
+        if !self.carried_over.is_empty() {
+            s.push_str(&format!(
+                ", carried over {} ({})",
+                self.carried_over.join(" "),
+                human(self.carried_bytes)
+            ));
+        }
         if self.grown {
             s.push_str(&format!(
                 ", grown from {} to {}",
@@ -444,6 +471,13 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
     let _lock = lock_dir(parent)?;
 
     let found = wait_for_device(&opts.device, &opts.roots, opts.wait, Some(&target))?;
+    // What the target holds now stays reachable through a bind mount, to be
+    // carried over once the volume is mounted on top of it.
+    let carry_at = opts.carry_over.as_ref().map(|dir| carry_dir(dir, &target));
+    let mut carry_guard = match &carry_at {
+        Some(at) if !opts.read_only => keep_reachable(&target, at)?,
+        _ => None,
+    };
     let state = attach_and_mount(opts, found, &target)?;
     // Bound in this order so that, on a panic, the mount is undone before
     // the loop device under it.
@@ -456,9 +490,24 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         mut mount_guard,
     } = state;
 
-    let checked = check_and_grow(opts, &device, &target, fs);
+    let checked = check_and_grow(opts, &device, &target, fs).and_then(|c| {
+        // Kept reachable by this run, or by a run killed before it finished.
+        let carried = match &carry_at {
+            Some(at) if !read_only && mount_at(at)?.is_some() => {
+                let carried = carry_over(at, &target)?;
+                match carry_guard.as_mut() {
+                    Some(g) => g.undo().map_err(MountError::Device)?,
+                    None => release(at)?,
+                }
+                let _ = fs::remove_dir(at);
+                carried
+            }
+            _ => Carried::default(),
+        };
+        Ok((c, carried))
+    });
     match checked {
-        Ok(c) => {
+        Ok((c, carried)) => {
             let loop_attached = loop_guard.is_some();
             if let Some(g) = mount_guard.as_mut() {
                 g.keep();
@@ -483,6 +532,9 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
                 build_id: c.manifest.build_id.clone(),
                 seed_key: c.manifest.seed_key.clone(),
                 images: c.manifest.images.len(),
+                carried_over: carried.names,
+                carry_skipped: carried.skipped,
+                carried_bytes: carried.bytes,
                 seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
                 manifest: c.manifest,
             })
@@ -495,6 +547,12 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
                 problems.push(e);
             }
             if let Some(g) = loop_guard.as_mut()
+                && let Err(e) = g.undo()
+            {
+                problems.push(e);
+            }
+            // The old content is visible again where it was.
+            if let Some(g) = carry_guard.as_mut()
                 && let Err(e) = g.undo()
             {
                 problems.push(e);
@@ -1389,6 +1447,112 @@ fn probe_fs(device: &Path) -> Result<FsType, MountError> {
         device: device.to_path_buf(),
         found,
     })
+}
+
+// ---------------------------------------------------------------------------
+// Carrying over what the target held
+
+/// Entries of a target directory that are never carried over.
+const NOT_CARRIED: &[&str] = &["lost+found", ".coral"];
+
+/// The carry-over directory for one target.
+fn carry_dir(dir: &Path, target: &Path) -> PathBuf {
+    let name = target.to_string_lossy().trim_matches('/').replace('/', "-");
+    dir.join(if name.is_empty() { "root".into() } else { name })
+}
+
+/// Binds `target` at `at` when it holds anything worth carrying over and no
+/// volume is mounted on it yet; the guard unmounts the bind.
+fn keep_reachable(target: &Path, at: &Path) -> Result<Option<MountGuard>, MountError> {
+    if mount_at(target)?.is_some() || mount_at(at)?.is_some() {
+        return Ok(None);
+    }
+    let mut entries = fs::read_dir(target).map_err(io_err("listing", target))?;
+    let worth = entries.any(|e| {
+        e.map(|e| !NOT_CARRIED.contains(&e.file_name().to_string_lossy().as_ref()))
+            .unwrap_or(true)
+    });
+    if !worth {
+        return Ok(None);
+    }
+    fs::create_dir_all(at).map_err(io_err("creating", at))?;
+    rustix::mount::mount_bind(target, at).map_err(|e| MountError::Io {
+        what: format!("binding {} at", target.display()),
+        path: at.to_path_buf(),
+        err: e.into(),
+    })?;
+    tracing::info!(target = %target.display(), at = %at.display(), "kept the target's content reachable");
+    Ok(Some(MountGuard {
+        target: at.to_path_buf(),
+        armed: true,
+    }))
+}
+
+fn release(at: &Path) -> Result<(), MountError> {
+    rustix::mount::unmount(at, rustix::mount::UnmountFlags::DETACH).map_err(|e| MountError::Io {
+        what: "unmounting".into(),
+        path: at.to_path_buf(),
+        err: e.into(),
+    })
+}
+
+#[derive(Default)]
+struct Carried {
+    names: Vec<String>,
+    skipped: Vec<String>,
+    bytes: u64,
+}
+
+/// Copies each entry of `from` that `volume` lacks onto it, exactly, under
+/// a scratch name first and renamed when complete.
+fn carry_over(from: &Path, volume: &Path) -> Result<Carried, MountError> {
+    let mut carried = Carried::default();
+    let mut names: Vec<_> = fs::read_dir(from)
+        .map_err(io_err("listing", from))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err("listing", from))?;
+    names.sort();
+    for name in names {
+        let shown = name.to_string_lossy().into_owned();
+        if NOT_CARRIED.contains(&shown.as_str()) {
+            continue;
+        }
+        let dest = volume.join(&name);
+        if fs::symlink_metadata(&dest).is_ok() {
+            tracing::warn!(entry = %shown, "the volume already has it: kept the volume's");
+            carried.skipped.push(shown);
+            continue;
+        }
+        let mut scratch = std::ffi::OsString::from(".coral-carry-");
+        scratch.push(&name);
+        let scratch = volume.join(scratch);
+        if fs::symlink_metadata(&scratch).is_ok() {
+            let removed = if scratch.is_dir() {
+                fs::remove_dir_all(&scratch)
+            } else {
+                fs::remove_file(&scratch)
+            };
+            removed.map_err(io_err("removing the partial copy", &scratch))?;
+        }
+        let stats = match crate::copytree::copy_tree(&from.join(&name), &scratch) {
+            Ok(stats) => stats,
+            Err(err) => {
+                // Not left to fill the volume (a full volume is the usual cause).
+                let _ = fs::remove_dir_all(&scratch).or_else(|_| fs::remove_file(&scratch));
+                return Err(MountError::Io {
+                    what: format!("carrying {shown} over from the target's old content to"),
+                    path: scratch,
+                    err,
+                });
+            }
+        };
+        fs::rename(&scratch, &dest).map_err(io_err("renaming into place", &dest))?;
+        tracing::info!(entry = %shown, bytes = stats.bytes, "carried over");
+        carried.names.push(shown);
+        carried.bytes += stats.bytes;
+    }
+    Ok(carried)
 }
 
 // ---------------------------------------------------------------------------

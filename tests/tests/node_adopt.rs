@@ -237,19 +237,7 @@ async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> R
 
         // Still there after a restart and a garbage collection.
         c.restart().await?;
-        let tiny_tag = format!("{}/{}:gc-bait", reg.host(), Corpus::repository("tiny"));
-        run(c
-            .ctr()
-            .args(["-n", "k8s.io", "images", "tag"])
-            .arg(format!(
-                "{}/{}:latest",
-                reg.host(),
-                Corpus::repository("tiny")
-            ))
-            .arg(&tiny_tag))?;
-        run(c
-            .ctr()
-            .args(["-n", "k8s.io", "images", "rm", "--sync", &tiny_tag]))?;
+        gc_by_deleting_a_tag(&c, &reg.host())?;
         ensure!(
             cri_images(&c).await? == want,
             "containerd {}: images changed after restart + GC",
@@ -261,6 +249,22 @@ async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> R
         drop(c);
         drop(vol);
     }
+    Ok(())
+}
+
+/// A synchronous garbage collection, triggered by deleting an extra tag of
+/// the tiny image (an unrelated image to the rest).
+fn gc_by_deleting_a_tag(c: &Containerd, host: &str) -> Result<()> {
+    let tiny = format!("{host}/{}", Corpus::repository("tiny"));
+    let bait = format!("{tiny}:gc-bait");
+    run(c
+        .ctr()
+        .args(["-n", "k8s.io", "images", "tag"])
+        .arg(format!("{tiny}:latest"))
+        .arg(&bait))?;
+    run(c
+        .ctr()
+        .args(["-n", "k8s.io", "images", "rm", "--sync", &bait]))?;
     Ok(())
 }
 
@@ -448,6 +452,117 @@ async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> 
         images_check(&c)?;
         check_runs(&c, corpus, &reg.host()).await?;
         println!("containerd {}: converged after {kills} kills", b.version);
+    }
+    Ok(())
+}
+
+/// `--mode copy`: the volume mounted read-only beside a containerd with its
+/// own root. Every image the volume holds ends up as a pull leaves it; the
+/// one left off the volume arrives through the CRI fallback.
+#[tokio::test]
+async fn copy_mode_from_a_read_only_volume_equals_a_pull_and_pulls_what_it_lacks() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-copy-").tempdir()?;
+    let built = work.path().join("seed.img");
+    let on_volume: Vec<&str> = IMAGES.iter().copied().filter(|i| *i != "minbase").collect();
+    build(&reg, &on_volume, &["linux/amd64"], &built, &[])?;
+    let vol = Mounted::new(&built)?;
+    let m: SeedManifest =
+        SeedManifest::from_json(&std::fs::read(SeedLayout::new(&vol.0).manifest())?)?;
+    let missing = format!("{}/{}:latest", reg.host(), Corpus::repository("minbase"));
+    let node = workspace_bin("coral-node-mounter")?;
+
+    for b in &containerd::available()? {
+        let (pulled, want) = pulled_reference(b, &reg).await?;
+        let mut c = Containerd::start(b, &[&reg]).await?;
+        let status_file = work.path().join(format!("status-{}.json", b.version));
+        let import = |c: &Containerd| {
+            let mut cmd = Command::new(&node);
+            cmd.args(["import", "--mode", "copy", "--json", "--fallback-pull"])
+                .args(["--initial-backoff", "100ms", "--image", &missing])
+                .arg("--address")
+                .arg(c.address())
+                .arg("--seed")
+                .arg(&vol.0)
+                .arg("--status-file")
+                .arg(&status_file);
+            cmd.output()
+        };
+        let o = import(&c)?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        ensure!(
+            o.status.code() == Some(10),
+            "containerd {}: exit {:?}, expected 10 (some pulled):\n{stderr}\nlog:\n{}",
+            b.version,
+            o.status.code(),
+            c.log_tail()
+        );
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        ensure!(
+            report["adopt"]["bytesCopied"].as_u64().unwrap_or(0) > 0,
+            "containerd {}: copy mode copied nothing: {report}",
+            b.version
+        );
+        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file)?)?;
+        for i in status["images"].as_array().context("images")? {
+            let r = i["reference"].as_str().unwrap_or_default();
+            let want_state = if r == missing { "pulled" } else { "seeded" };
+            ensure!(i["state"] == want_state, "containerd {}: {i}", b.version);
+        }
+        ensure!(
+            status["images"].as_array().map(Vec::len) == Some(IMAGES.len()),
+            "{status}"
+        );
+
+        // As a pull leaves it: CRI, completeness, each top snapshot, runs.
+        ensure!(
+            cri_images(&c).await? == want,
+            "containerd {}: CRI after copy:\n{:#?}\nafter pull:\n{want:#?}",
+            b.version,
+            cri_images(&c).await?
+        );
+        images_check(&c)?;
+        for img in adopt_images(&m) {
+            let top = img.layers.last().expect("layers").chain_id.to_string();
+            let a = c.view(&top, &work.path().join("view-copied")).await?;
+            let p = pulled.view(&top, &work.path().join("view-pulled")).await?;
+            let opts = Options {
+                dir_mtimes: true,
+                ..Options::default()
+            };
+            let diffs = treecmp::compare_dirs("copied", a.path(), "pulled", p.path(), &opts)?;
+            ensure!(
+                diffs.is_empty(),
+                "containerd {}: {}: {}",
+                b.version,
+                img.reference,
+                diffs.join("\n")
+            );
+        }
+        check_runs(&c, corpus, &reg.host()).await?;
+        let staging = c
+            .root()
+            .join("io.containerd.snapshotter.v1.overlayfs/coral-copy");
+        ensure!(!staging.exists(), "{} was left behind", staging.display());
+
+        // A second run copies nothing; a restart and a GC keep everything.
+        let again: serde_json::Value = serde_json::from_slice(&import(&c)?.stdout)?;
+        ensure!(
+            again["adopt"]["blobsAdopted"] == 0
+                && again["adopt"]["layersAdopted"] == 0
+                && again["adopt"]["bytesCopied"] == 0,
+            "second import: {again}"
+        );
+        c.restart().await?;
+        gc_by_deleting_a_tag(&c, &reg.host())?;
+        ensure!(
+            cri_images(&c).await? == want,
+            "containerd {}: images changed after a restart and a GC",
+            b.version
+        );
+        images_check(&c)?;
+        println!("containerd {}: copy report {}", b.version, report["adopt"]);
     }
     Ok(())
 }
