@@ -7,10 +7,12 @@
 //! - [`copytree`]: an exact tree copy (copy mode, carrying over a root);
 //! - [`fallback`]: pull what is missing through CRI, with backoff and the
 //!   kubelet's credential sources;
+//! - [`prewarm`]: read the seeded files' blocks once, for EBS lazy loading;
 //! - [`status`]: the status file and exit codes.
 
 pub mod adopt;
 pub mod copytree;
 pub mod fallback;
 pub mod mount;
+pub mod prewarm;
 pub mod status;

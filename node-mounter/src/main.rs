@@ -40,6 +40,9 @@ enum Command {
     /// adopt), wait for containerd, import; exit codes as import's. With
     /// containerd already running, adopting is impossible: it copies.
     Run(RunArgs),
+    /// Read every block of the seeded layer files once (EBS restores a
+    /// snapshot's blocks lazily, on first read), several files at a time.
+    Prewarm(PrewarmArgs),
     /// Pull images through CRI, as kubelet would, on a node without a seed
     /// volume: exit 0 when every image is in containerd (pulled or already
     /// there), 20 when any is not (failed, or the deadline passed).
@@ -140,6 +143,27 @@ struct ImportFlags {
     /// Where the JSON status (phase, and each image's state) is kept.
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
+    /// Adopt: once imported, read the seeded layer files' blocks in a
+    /// detached background process (`prewarm`), so EBS lazy loading does not
+    /// land on the first container start; its report goes to prewarm.json
+    /// beside the status file.
+    #[arg(long)]
+    prewarm: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PrewarmArgs {
+    /// A directory whose files to read (repeatable).
+    #[arg(long = "path", value_name = "DIR", required = true)]
+    paths: Vec<PathBuf>,
+    /// Files read at once.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    jobs: usize,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -257,6 +281,7 @@ fn main() -> ExitCode {
     let (result, failure) = match cli.command {
         Command::Mount(args) => (mount_cmd(args), 1),
         Command::Prefetch(args) => (prefetch_cmd(args), 1),
+        Command::Prewarm(args) => (prewarm_cmd(args), 1),
         Command::Import(args) => (
             runtime().block_on(import(&args.seed, &args.flags, Instant::now())),
             20,
@@ -278,6 +303,61 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
+}
+
+fn prewarm_cmd(args: PrewarmArgs) -> Result<ExitCode> {
+    let report = coral_node_mounter::prewarm::prewarm(&args.paths, args.jobs)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.report {
+        status::write_atomically(path, json.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        println!(
+            "coral-node-mounter: prewarmed {} files, {} in {:.1} s ({:.0} MB/s){}",
+            report.files,
+            report.bytes,
+            report.seconds,
+            report.bytes as f64 / 1e6 / report.seconds.max(0.001),
+            if report.errors.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} unreadable: {}",
+                    report.errors.len(),
+                    report.errors.join("; ")
+                )
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `prewarm` of the adopted snapshots as a detached process (its own
+/// session, so it outlives this one and a terminal hangup).
+fn spawn_prewarm(seed: &Path, args: &ImportFlags) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let snapshots = seed
+        .join(format!("io.containerd.snapshotter.v1.{}", args.snapshotter))
+        .join("snapshots");
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("prewarm").arg("--path").arg(&snapshots);
+    if let Some(dir) = args.status_file.as_ref().and_then(|f| f.parent()) {
+        cmd.arg("--report").arg(dir.join("prewarm.json"));
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn().context("starting prewarm")?.id())
 }
 
 fn mount_cmd(args: MountArgs) -> Result<ExitCode> {
@@ -338,7 +418,6 @@ async fn containerd_answers(address: &Path) -> bool {
 
 async fn run_cmd(mut args: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
-    let deadline = started + args.flags.deadline;
     let expect = match &args.flags.expect {
         Some(e) => Some(e.parse::<Digest>().context("--expect")?),
         None => None,
@@ -375,26 +454,24 @@ async fn run_cmd(mut args: RunArgs) -> Result<ExitCode> {
         // pulls what it can.
         Err(e) => eprintln!("coral-node-mounter: error: mounting the seed volume: {e}"),
     }
-    // containerd starts once the mount is there (systemd: After=coral-mount).
-    let mut waited = false;
-    while !containerd_answers(&args.flags.address).await {
-        if Instant::now() >= deadline {
-            bail!(
-                "containerd did not answer at {} within --deadline {:?}",
-                args.flags.address.display(),
-                args.flags.deadline
-            );
-        }
-        if !waited {
+    // containerd starts once the mount is there (systemd: After=coral-mount);
+    // the import waits for it.
+    import(&seed, &args.flags, started).await
+}
+
+/// Waits until containerd answers on `address` (it may still be starting).
+async fn wait_for_containerd(address: &Path) {
+    let mut said = false;
+    while !containerd_answers(address).await {
+        if !said {
             eprintln!(
                 "coral-node-mounter: waiting for containerd at {}",
-                args.flags.address.display()
+                address.display()
             );
-            waited = true;
+            said = true;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    import(&seed, &args.flags, started).await
 }
 
 async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<ExitCode> {
@@ -406,12 +483,17 @@ async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<Exi
     sf.set_phase(Phase::Importing);
     sf.write_or_warn();
 
-    let adopted = tokio::time::timeout_at(deadline.into(), adopt_volume(seed, args))
+    let adopting = async {
+        wait_for_containerd(&args.address).await;
+        adopt_volume(seed, args).await
+    };
+    let adopted = tokio::time::timeout_at(deadline.into(), adopting)
         .await
         .unwrap_or_else(|_| {
             Err(anyhow::anyhow!(
-                "the import did not finish within --deadline {:?}",
-                args.deadline
+                "the import did not finish within --deadline {:?} (is containerd answering at {}?)",
+                args.deadline,
+                args.address.display()
             ))
         });
     let mut wanted = Vec::new();
@@ -472,6 +554,19 @@ async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<Exi
         fallback::ensure_images(&wanted, Arc::new(credentials), &options, status.clone()).await;
     }
 
+    if args.prewarm && adopted.is_ok() {
+        if args.mode == Mode::Adopt {
+            match spawn_prewarm(seed, args) {
+                Ok(pid) => {
+                    eprintln!("coral-node-mounter: prewarming in the background (pid {pid})")
+                }
+                Err(e) => eprintln!("coral-node-mounter: warning: {e:#}"),
+            }
+        } else {
+            eprintln!("coral-node-mounter: --prewarm skipped: copy mode already read the volume");
+        }
+    }
+
     let mut sf = status.lock().unwrap_or_else(|p| p.into_inner());
     let images = sf.status().images.clone();
     let code = if images.is_empty() {
@@ -499,7 +594,7 @@ async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<Exi
         );
     } else if let Ok(report) = &adopted {
         eprintln!(
-            "coral-node-mounter: {} images adopted ({} blobs and {} layers moved in, {} and {} already there) in {:.3}s",
+            "coral-node-mounter: {} images imported ({} blobs and {} layers registered, {} and {} already there) in {:.3}s",
             report.images.len(),
             report.blobs_adopted,
             report.layers_adopted,

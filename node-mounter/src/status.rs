@@ -295,7 +295,7 @@ impl StatusFile {
 
 /// `path.<pid>.tmp` beside `path`, fsynced, renamed over `path`, and the
 /// directory fsynced so the rename itself survives a crash.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
