@@ -215,10 +215,16 @@ pub async fn adopt(
     let started = Instant::now();
     let layout = SeedLayout::new(root);
     // Where this containerd keeps content, as it says itself.
-    let content_root = plugin_root(&channel, "type==io.containerd.content.v1")
-        .await?
-        .unwrap_or_else(|| root.join(CONTENT_DIR));
     let adopting = opts.mode == ImportMode::Adopt;
+    let content_root = match plugin_root(&channel, "type==io.containerd.content.v1").await? {
+        Some(r) => r,
+        None if adopting => root.join(CONTENT_DIR),
+        // Guessing would put the staging area on the (read-only) volume.
+        None => bail!(
+            "containerd does not say where its content store is (introspection): copy mode \
+             cannot find its snapshotter's directory"
+        ),
+    };
     if adopting && content_root != root.join(CONTENT_DIR) {
         bail!(
             "containerd keeps its content in {}, not on the volume at {}: the volume is not this \
@@ -377,13 +383,17 @@ pub async fn adopt(
         // present and labels it.
         let (written, bytes) = copy_blobs(&ctr, &layout, &plans, jobs).await?;
         report.blobs_adopted += written;
+        report.blobs_present += plans.len() as u64 - written;
         report.bytes_copied += bytes;
     }
     for plan in plans {
-        if adopt_blob(&ctr, &layout, &content_blobs, plan, &mut report).await? {
-            report.blobs_adopted += 1;
-        } else {
-            report.blobs_present += 1;
+        let moved = adopt_blob(&ctr, &layout, &content_blobs, plan, &mut report).await?;
+        if adopting {
+            if moved {
+                report.blobs_adopted += 1;
+            } else {
+                report.blobs_present += 1;
+            }
         }
     }
 
@@ -417,15 +427,15 @@ pub async fn adopt(
         let mut parent: Option<&ChainId> = None;
         for l in &img.layers {
             if done.insert(l.chain_id.clone()) {
-                if adopt_layer(
-                    &ctr,
-                    &tree_of(&l.chain_id),
-                    &opts.snapshotter,
-                    &l.chain_id,
-                    parent,
-                )
-                .await?
-                {
+                let tree = tree_of(&l.chain_id);
+                let moved =
+                    adopt_layer(&ctr, &tree, &opts.snapshotter, &l.chain_id, parent).await?;
+                if !moved && staging.is_some() && tree.exists() {
+                    // Committed meanwhile by someone else (a CRI pull): the
+                    // staged copy is not needed.
+                    let _ = std::fs::remove_dir_all(&tree);
+                }
+                if moved {
                     report.layers_adopted += 1;
                 } else {
                     report.layers_present += 1;
@@ -835,6 +845,10 @@ async fn copy_layers(
                 }
                 let stats = crate::copytree::copy_tree(&src, &partial)
                     .with_context(|| format!("copying layer {chain}"))?;
+                // On disk before it gets the name a rerun trusts.
+                let dir = std::fs::File::open(&partial)?;
+                rustix::fs::syncfs(&dir)
+                    .with_context(|| format!("syncing {}", partial.display()))?;
                 std::fs::rename(&partial, &done)
                     .with_context(|| format!("renaming {}", partial.display()))?;
                 Ok(stats.bytes)
@@ -878,8 +892,7 @@ async fn copy_blobs(
                 Ok(_) => Ok(None),
                 Err(s) if s.code() == Code::NotFound => copy_blob(&ctr, &path, &digest, size)
                     .await
-                    .with_context(|| format!("writing blob {digest} to containerd"))
-                    .map(Some),
+                    .with_context(|| format!("writing blob {digest} to containerd")),
                 Err(s) => Err(anyhow!(s)).with_context(|| format!("content Info {digest}")),
             }
         });
@@ -895,49 +908,25 @@ async fn copy_blobs(
 }
 
 /// Streams one blob from the volume through a content Write; containerd
-/// checks size and digest before it commits. An ingest a killed run left
-/// is resumed where it stopped.
-async fn copy_blob(ctr: &Ctr, path: &Path, d: &Digest, size: u64) -> Result<u64> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+/// checks size and digest before it commits. Returns the bytes sent, or
+/// None when containerd turned out to have it. It always starts at offset 0
+/// (containerd then truncates whatever ingest a killed run left under the
+/// same ref): the source is a local disk, resuming would save little, and a
+/// damaged ingest could never be resumed into a good blob.
+async fn copy_blob(ctr: &Ctr, path: &Path, d: &Digest, size: u64) -> Result<Option<u64>> {
+    use tokio::io::AsyncReadExt;
     let r#ref = format!("coral-copy-{}", d.hex());
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let base = WriteContentRequest {
-        r#ref: r#ref.clone(),
-        total: size as i64,
-        expected: d.to_string(),
-        ..Default::default()
-    };
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("blob {d} is missing from the volume ({})", path.display()))?;
-    tx.send(WriteContentRequest {
-        action: WriteAction::Stat as i32,
-        ..base.clone()
-    })
-    .await
-    .ok();
-    let mut stream = match ctr
-        .content()
-        .write(ctr.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
-        .await
-    {
-        Ok(s) => s.into_inner(),
-        Err(s) if s.code() == Code::AlreadyExists => return Ok(0),
-        Err(s) => return Err(anyhow!(s)),
-    };
-    let start = match stream.message().await {
-        Ok(Some(m)) => m.offset.clamp(0, size as i64) as u64,
-        Ok(None) => bail!("containerd closed the write stream"),
-        Err(s) if s.code() == Code::AlreadyExists => return Ok(0),
-        Err(s) => return Err(anyhow!(s)),
-    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     // The data goes out from one task while this one reads containerd's
-    // answers, so neither side's flow control stalls the other.
+    // answers (one per message), so neither side's flow control stalls the
+    // other. Size and digest go with the first and the last message only.
     let sender = tokio::spawn({
-        let (path, base) = (path.to_path_buf(), base.clone());
+        let (path, d, r#ref) = (path.to_path_buf(), d.to_string(), r#ref.clone());
         async move {
-            file.seek(std::io::SeekFrom::Start(start)).await?;
-            let mut offset = start;
+            let mut offset = 0u64;
             let mut buf = vec![0u8; 1 << 20];
             while offset < size {
                 let want = (size - offset).min(buf.len() as u64) as usize;
@@ -945,41 +934,65 @@ async fn copy_blob(ctr: &Ctr, path: &Path, d: &Digest, size: u64) -> Result<u64>
                 if n == 0 {
                     bail!("{} is shorter than its {size} bytes", path.display());
                 }
-                let chunk = WriteContentRequest {
+                let mut chunk = WriteContentRequest {
                     action: WriteAction::Write as i32,
+                    r#ref: r#ref.clone(),
                     offset: offset as i64,
                     data: buf[..n].to_vec(),
-                    ..base.clone()
+                    ..Default::default()
                 };
+                if offset == 0 {
+                    chunk.total = size as i64;
+                    chunk.expected = d.clone();
+                }
                 if tx.send(chunk).await.is_err() {
-                    return Ok(offset - start); // the stream ended: its error tells why
+                    return Ok(offset); // the stream ended: its error tells why
                 }
                 offset += n as u64;
             }
             let commit = WriteContentRequest {
                 action: WriteAction::Commit as i32,
+                r#ref,
                 offset: size as i64,
-                ..base
+                total: size as i64,
+                expected: d,
+                ..Default::default()
             };
             tx.send(commit).await.ok();
-            anyhow::Ok(offset - start)
+            anyhow::Ok(offset)
         }
     });
+    let mut stream = match ctr
+        .content()
+        .write(ctr.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            sender.abort();
+            return match s.code() {
+                Code::AlreadyExists => Ok(None),
+                _ => Err(anyhow!(s)),
+            };
+        }
+    };
     let answer = loop {
         match stream.message().await {
-            Ok(Some(m)) if m.action == WriteAction::Commit as i32 => break Ok(()),
+            Ok(Some(m)) if m.action == WriteAction::Commit as i32 => break Ok(true),
             Ok(Some(_)) => {}
             Ok(None) => break Err(anyhow!("containerd ended the write before the commit")),
-            Err(s) if s.code() == Code::AlreadyExists => break Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => break Ok(false),
             Err(s) => break Err(anyhow!(s)),
         }
     };
-    if answer.is_err() {
+    if !matches!(answer, Ok(true)) {
         sender.abort();
     }
     let sent = sender.await;
-    answer?;
-    sent.context("the blob sender")?
+    match answer? {
+        true => Ok(Some(sent.context("the blob sender")??)),
+        false => Ok(None),
+    }
 }
 
 async fn put_image(

@@ -283,7 +283,7 @@ fn main() -> ExitCode {
         Command::Prefetch(args) => (prefetch_cmd(args), 1),
         Command::Prewarm(args) => (prewarm_cmd(args), 1),
         Command::Import(args) => (
-            runtime().block_on(import(&args.seed, &args.flags, Instant::now())),
+            runtime().block_on(import(&args.seed, &args.flags, Instant::now(), None)),
             20,
         ),
         Command::Run(args) => (runtime().block_on(run_cmd(args)), 20),
@@ -422,8 +422,12 @@ async fn run_cmd(mut args: RunArgs) -> Result<ExitCode> {
         Some(e) => Some(e.parse::<Digest>().context("--expect")?),
         None => None,
     };
-    // Adopting needs the volume under containerd before containerd starts.
-    if args.flags.mode == Mode::Adopt && containerd_answers(&args.flags.address).await {
+    // Adopting needs the volume under containerd before containerd starts,
+    // unless the volume is its root already (a rerun on a booted node).
+    let running =
+        mount::containerd_holds(&args.root) || containerd_answers(&args.flags.address).await;
+    let volume_is_root = SeedLayout::new(&args.root).manifest().exists();
+    if args.flags.mode == Mode::Adopt && running && !volume_is_root {
         eprintln!(
             "coral-node-mounter: containerd is already running at {}: the volume cannot become \
              its root now, so its images are copied (--mode copy) from {}",
@@ -448,15 +452,20 @@ async fn run_cmd(mut args: RunArgs) -> Result<ExitCode> {
         carry_over: (adopting && !args.no_carry_over).then(|| args.carry_dir.clone()),
     };
     let seed = opts.target.clone();
-    match tokio::task::spawn_blocking(move || mount::mount(&opts)).await? {
-        Ok(m) => eprintln!("coral-node-mounter: {}", m.summary()),
-        // The import finds no manifest, says so in the status file, and
-        // pulls what it can.
-        Err(e) => eprintln!("coral-node-mounter: error: mounting the seed volume: {e}"),
-    }
+    let mount_error = match tokio::task::spawn_blocking(move || mount::mount(&opts)).await? {
+        Ok(m) => {
+            eprintln!("coral-node-mounter: {}", m.summary());
+            None
+        }
+        // The import then finds no manifest, and pulls what it can.
+        Err(e) => {
+            eprintln!("coral-node-mounter: error: mounting the seed volume: {e}");
+            Some(format!("mounting the seed volume: {e}"))
+        }
+    };
     // containerd starts once the mount is there (systemd: After=coral-mount);
     // the import waits for it.
-    import(&seed, &args.flags, started).await
+    import(&seed, &args.flags, started, mount_error).await
 }
 
 /// Waits until containerd answers on `address` (it may still be starting).
@@ -474,7 +483,13 @@ async fn wait_for_containerd(address: &Path) {
     }
 }
 
-async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<ExitCode> {
+/// `mount_error`: why `run` could not mount the volume, for the status file.
+async fn import(
+    seed: &Path,
+    args: &ImportFlags,
+    started: Instant,
+    mount_error: Option<String>,
+) -> Result<ExitCode> {
     let deadline = started + args.deadline;
     let mut sf = match &args.status_file {
         Some(path) => StatusFile::new(path),
@@ -514,7 +529,23 @@ async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<Exi
         }
         Err(e) => {
             eprintln!("coral-node-mounter: error: adopting the volume: {e:#}");
-            sf.set_message(Some(format!("adopting the volume failed: {e:#}")));
+            sf.set_message(Some(match &mount_error {
+                Some(m) => m.clone(),
+                None => format!("adopting the volume failed: {e:#}"),
+            }));
+        }
+    }
+    // Right away: the pulls that follow can take until the deadline.
+    if args.prewarm && adopted.is_ok() {
+        if args.mode == Mode::Adopt {
+            match spawn_prewarm(seed, args) {
+                Ok(pid) => {
+                    eprintln!("coral-node-mounter: prewarming in the background (pid {pid})")
+                }
+                Err(e) => eprintln!("coral-node-mounter: warning: {e:#}"),
+            }
+        } else {
+            eprintln!("coral-node-mounter: --prewarm skipped: copy mode already read the volume");
         }
     }
     for extra in &args.images {
@@ -552,19 +583,6 @@ async fn import(seed: &Path, args: &ImportFlags, started: Instant) -> Result<Exi
         };
         // Images the volume provided are found present: they stay "seeded".
         fallback::ensure_images(&wanted, Arc::new(credentials), &options, status.clone()).await;
-    }
-
-    if args.prewarm && adopted.is_ok() {
-        if args.mode == Mode::Adopt {
-            match spawn_prewarm(seed, args) {
-                Ok(pid) => {
-                    eprintln!("coral-node-mounter: prewarming in the background (pid {pid})")
-                }
-                Err(e) => eprintln!("coral-node-mounter: warning: {e:#}"),
-            }
-        } else {
-            eprintln!("coral-node-mounter: --prewarm skipped: copy mode already read the volume");
-        }
     }
 
     let mut sf = status.lock().unwrap_or_else(|p| p.into_inner());

@@ -471,14 +471,34 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
     let _lock = lock_dir(parent)?;
 
     let found = wait_for_device(&opts.device, &opts.roots, opts.wait, Some(&target))?;
-    // What the target holds now stays reachable through a bind mount, to be
-    // carried over once the volume is mounted on top of it.
-    let carry_at = opts.carry_over.as_ref().map(|dir| carry_dir(dir, &target));
-    let mut carry_guard = match &carry_at {
-        Some(at) if !opts.read_only => keep_reachable(&target, at)?,
+    let target_free = mount_at(&target)?.is_none();
+    if target_free && !opts.read_only && containerd_holds(&target) {
+        return Err(MountError::Usage(format!(
+            "containerd is running on {} (its metadata database is locked): the volume must be \
+             mounted there before containerd starts; mount it elsewhere and use \
+             `import --mode copy` instead",
+            target.display()
+        )));
+    }
+    // Carrying over: the volume is mounted at a staging point first, filled
+    // with what the target holds, and only then moved onto the target, so
+    // the target never shows a half-carried volume (a run killed half-way
+    // leaves the old content in place and the volume at the staging point,
+    // where the next run finishes).
+    let staging = match &opts.carry_over {
+        Some(dir) if target_free && !opts.read_only => {
+            let at = carry_dir(dir, &target);
+            if mount_at(&at)?.is_some() || worth_carrying(&target)? {
+                private_dir(dir)?;
+                fs::create_dir_all(&at).map_err(io_err("creating", &at))?;
+                Some(at)
+            } else {
+                None
+            }
+        }
         _ => None,
     };
-    let state = attach_and_mount(opts, found, &target)?;
+    let state = attach_and_mount(opts, found, staging.as_deref().unwrap_or(&target))?;
     // Bound in this order so that, on a panic, the mount is undone before
     // the loop device under it.
     let Attached {
@@ -490,19 +510,24 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         mut mount_guard,
     } = state;
 
-    let checked = check_and_grow(opts, &device, &target, fs).and_then(|c| {
-        // Kept reachable by this run, or by a run killed before it finished.
-        let carried = match &carry_at {
-            Some(at) if !read_only && mount_at(at)?.is_some() => {
-                let carried = carry_over(at, &target)?;
-                match carry_guard.as_mut() {
-                    Some(g) => g.undo().map_err(MountError::Device)?,
-                    None => release(at)?,
+    let mounted_at = staging.clone().unwrap_or_else(|| target.clone());
+    let checked = check_and_grow(opts, &device, &mounted_at, fs).and_then(|c| {
+        let carried = match &staging {
+            Some(at) => {
+                let carried = carry_over(&target, at)?;
+                rustix::mount::mount_move(at, &target).map_err(|e| MountError::Io {
+                    what: format!("moving the volume from {} onto", at.display()),
+                    path: target.clone(),
+                    err: e.into(),
+                })?;
+                if let Some(g) = mount_guard.as_mut() {
+                    g.target = target.clone();
                 }
                 let _ = fs::remove_dir(at);
+                tracing::info!(target = %target.display(), "moved the volume into place");
                 carried
             }
-            _ => Carried::default(),
+            None => Carried::default(),
         };
         Ok((c, carried))
     });
@@ -551,12 +576,7 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
             {
                 problems.push(e);
             }
-            // The old content is visible again where it was.
-            if let Some(g) = carry_guard.as_mut()
-                && let Err(e) = g.undo()
-            {
-                problems.push(e);
-            }
+
             if mount_guard.is_none() {
                 tracing::warn!(
                     target = %target.display(),
@@ -1457,43 +1477,60 @@ const NOT_CARRIED: &[&str] = &["lost+found", ".coral"];
 
 /// The carry-over directory for one target.
 fn carry_dir(dir: &Path, target: &Path) -> PathBuf {
-    let name = target.to_string_lossy().trim_matches('/').replace('/', "-");
+    // `-` doubled first, so /a-b and /a/b get different names.
+    let name = target
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('-', "--")
+        .replace('/', "-");
     dir.join(if name.is_empty() { "root".into() } else { name })
 }
 
-/// Binds `target` at `at` when it holds anything worth carrying over and no
-/// volume is mounted on it yet; the guard unmounts the bind.
-fn keep_reachable(target: &Path, at: &Path) -> Result<Option<MountGuard>, MountError> {
-    if mount_at(target)?.is_some() || mount_at(at)?.is_some() {
-        return Ok(None);
-    }
+/// Whether `target` holds anything to carry over.
+fn worth_carrying(target: &Path) -> Result<bool, MountError> {
     let mut entries = fs::read_dir(target).map_err(io_err("listing", target))?;
-    let worth = entries.any(|e| {
+    Ok(entries.any(|e| {
         e.map(|e| !NOT_CARRIED.contains(&e.file_name().to_string_lossy().as_ref()))
             .unwrap_or(true)
-    });
-    if !worth {
-        return Ok(None);
-    }
-    fs::create_dir_all(at).map_err(io_err("creating", at))?;
-    rustix::mount::mount_bind(target, at).map_err(|e| MountError::Io {
-        what: format!("binding {} at", target.display()),
-        path: at.to_path_buf(),
-        err: e.into(),
-    })?;
-    tracing::info!(target = %target.display(), at = %at.display(), "kept the target's content reachable");
-    Ok(Some(MountGuard {
-        target: at.to_path_buf(),
-        armed: true,
     }))
 }
 
-fn release(at: &Path) -> Result<(), MountError> {
-    rustix::mount::unmount(at, rustix::mount::UnmountFlags::DETACH).map_err(|e| MountError::Io {
-        what: "unmounting".into(),
-        path: at.to_path_buf(),
-        err: e.into(),
-    })
+/// Makes `dir` a private mount (a bind of itself), so that a volume mounted
+/// below it can be moved (MS_MOVE refuses a mount whose parent is shared)
+/// and nothing mounted there propagates elsewhere.
+fn private_dir(dir: &Path) -> Result<(), MountError> {
+    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    let dir = fs::canonicalize(dir).map_err(io_err("resolving", dir))?;
+    let fail = |what: &str| {
+        let what = what.to_string();
+        let dir = dir.clone();
+        move |e: rustix::io::Errno| MountError::Io {
+            what,
+            path: dir,
+            err: e.into(),
+        }
+    };
+    if mount_at(&dir)?.is_none() {
+        rustix::mount::mount_bind(&dir, &dir).map_err(fail("binding onto itself"))?;
+    }
+    rustix::mount::mount_change(&dir, rustix::mount::MountPropagationFlags::PRIVATE)
+        .map_err(fail("making private"))
+}
+
+/// Whether a containerd has its metadata database under `root` open (bbolt
+/// holds an exclusive flock on it while open).
+pub fn containerd_holds(root: &Path) -> bool {
+    let db = root.join("io.containerd.metadata.v1.bolt/meta.db");
+    let Ok(f) = File::open(&db) else {
+        return false;
+    };
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = rustix::fs::flock(&f, rustix::fs::FlockOperation::Unlock);
+            false
+        }
+        Err(e) => e == rustix::io::Errno::WOULDBLOCK,
+    }
 }
 
 #[derive(Default)]
@@ -1547,12 +1584,26 @@ fn carry_over(from: &Path, volume: &Path) -> Result<Carried, MountError> {
                 });
             }
         };
+        // On disk before it gets its real name: a rerun trusts what has it.
+        sync_fs(&scratch)?;
         fs::rename(&scratch, &dest).map_err(io_err("renaming into place", &dest))?;
+        File::open(volume)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", volume))?;
         tracing::info!(entry = %shown, bytes = stats.bytes, "carried over");
         carried.names.push(shown);
         carried.bytes += stats.bytes;
     }
     Ok(carried)
+}
+
+fn sync_fs(path: &Path) -> Result<(), MountError> {
+    let f = File::open(path).map_err(io_err("opening", path))?;
+    rustix::fs::syncfs(&f).map_err(|e| MountError::Io {
+        what: "syncing the filesystem of".into(),
+        path: path.to_path_buf(),
+        err: e.into(),
+    })
 }
 
 // ---------------------------------------------------------------------------

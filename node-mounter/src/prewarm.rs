@@ -34,15 +34,26 @@ fn files_under(roots: &[PathBuf]) -> io::Result<Vec<(PathBuf, u64)>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut stack: Vec<PathBuf> = roots.to_vec();
+    let top: HashSet<PathBuf> = roots.iter().cloned().collect();
     while let Some(p) = stack.pop() {
-        let m = fs::symlink_metadata(&p)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        let listed = fs::symlink_metadata(&p).and_then(|m| {
+            let children = if m.is_dir() {
+                fs::read_dir(&p)?
+                    .map(|e| e.map(|e| e.path()))
+                    .collect::<io::Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            Ok((m, children))
+        });
+        let (m, children) = match listed {
+            Ok(x) => x,
+            // Snapshots come and go while the node starts: skip what went.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !top.contains(&p) => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", p.display()))),
+        };
         if m.is_dir() {
-            for e in fs::read_dir(&p)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?
-            {
-                stack.push(e?.path());
-            }
+            stack.extend(children);
         } else if m.is_file() && m.len() > 0 && seen.insert((m.dev(), m.ino())) {
             out.push((p, m.len()));
         }

@@ -34,6 +34,13 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
     let corpus = Corpus::get()?;
     let reg = corpus.plain_registry()?;
     let work = tempfile::Builder::new().prefix("coral-carry-").tempdir()?;
+    // As on a systemd host, where mounts are shared: a bind of the root
+    // would propagate the volume's mount (the mistake this guards against).
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3g", "coral-carry"])
+        .arg(work.path()))?;
+    let _tmpfs = Unmount(work.path().to_path_buf());
+    run(Command::new("mount").arg("--make-shared").arg(work.path()))?;
     let built = work.path().join("seed.img");
     // Room for what is carried over (a node's volume is larger than its seed).
     build(
@@ -67,6 +74,7 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
         let image = work.path().join(format!("node-{}.img", b.version));
         std::fs::copy(&built, &image)?;
         let carry_dir = work.path().join(format!("carry-{}", b.version));
+        let _carry_bind = Unmount(carry_dir.clone());
         let mount = |carry_dir: &std::path::Path| -> Result<serde_json::Value> {
             let out = run(Command::new(&node)
                 .args(["mount", "--json", "--device"])
@@ -92,9 +100,16 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
             b.version
         );
         ensure!(
-            !carry_dir.exists() || std::fs::read_dir(&carry_dir)?.next().is_none(),
-            "the carry-over bind was left at {}",
+            std::fs::read_dir(&carry_dir)?.next().is_none(),
+            "the staging mount point was left in {}",
             carry_dir.display()
+        );
+        ensure!(
+            root.join(".coral/manifest.json").exists()
+                && root.join("io.containerd.metadata.v1.bolt/meta.db").exists(),
+            "containerd {}: the volume with the carried state is not at {}",
+            b.version,
+            root.display()
         );
         // A second mount finds the volume there and carries nothing.
         let again = mount(&carry_dir)?;

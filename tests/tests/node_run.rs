@@ -158,6 +158,20 @@ async fn run_with_containerd_already_running_copies_and_leaves_its_root_alone() 
         .next()
         .context("a containerd")?;
     let c = Containerd::start(&b, &[&reg]).await?;
+    // `mount` itself refuses to slide a volume under a running containerd.
+    let refused = Command::new(workspace_bin("coral-node-mounter")?)
+        .args(["mount", "--device"])
+        .arg(&image)
+        .arg("--target")
+        .arg(c.root())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        refused.status.code() == Some(1) && stderr.contains("containerd is running"),
+        "mount over a live root: {:?}\n{stderr}",
+        refused.status
+    );
+    ensure!(!is_mount_point(c.root())?, "mount went ahead over a live root");
     let copy_target = work.path().join("seed");
     let status_file = work.path().join("status.json");
     let out = Command::new(workspace_bin("coral-node-mounter")?)
