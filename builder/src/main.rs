@@ -35,6 +35,14 @@ enum Command {
     Build(Box<BuildArgs>),
     /// Print a volume's seed manifest (PATH: an image file or a mounted directory).
     Inspect { path: PathBuf },
+    /// Snapshot an existing seed volume image (or the device it was written
+    /// to) as `--snapshot` says; prints the snapshot record as JSON.
+    Snapshot {
+        /// The volume image file, or the block device (for `ebs`).
+        path: PathBuf,
+        #[command(flatten)]
+        snapshot: Box<SnapshotArgs>,
+    },
     /// Re-hash every blob and layer tree of a volume; exit 0 only when intact.
     Verify {
         path: PathBuf,
@@ -42,6 +50,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How the volume becomes something a node can be launched with; the same
+/// flags for `build` and `snapshot`.
+#[derive(Args, Clone)]
+struct SnapshotArgs {
+    /// file (the image plus a sidecar record), ebs-direct (upload through
+    /// the EBS direct APIs), ebs (CreateSnapshot of the attached volume
+    /// written), or none.
+    #[arg(long = "snapshot", value_name = "KIND", default_value = "file")]
+    kind: String,
+    /// The EBS snapshot this one is a child of.
+    #[arg(long, value_name = "SNAPSHOT_ID")]
+    parent_snapshot: Option<String>,
+    /// Encrypt the EBS snapshot with this KMS key.
+    #[arg(long, value_name = "ARN")]
+    kms_key: Option<String>,
+    /// A tag for the snapshot (repeatable); coral/manifest-digest,
+    /// coral/seed-key and coral/build-id are always set.
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = coral_snapshot::parse_tag)]
+    tags: Vec<(String, String)>,
+    #[arg(long = "snapshot-description", value_name = "TEXT")]
+    description: Option<String>,
+    /// ebs-direct: blocks uploaded at once.
+    #[arg(long, default_value_t = 32)]
+    snapshot_workers: usize,
+    /// Attempts per AWS request (with the SDK's backoff).
+    #[arg(long, default_value_t = 6)]
+    snapshot_attempts: u32,
+    /// The snapshot, waiting for it included, ends after this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    snapshot_deadline: String,
+    /// How often a pending snapshot is polled.
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    snapshot_poll: String,
+    /// ebs: the volume to snapshot (default: the output device's NVMe serial).
+    #[arg(long, value_name = "vol-ID")]
+    volume_id: Option<String>,
+}
+
+impl SnapshotArgs {
+    /// None for `--snapshot none`.
+    fn options(&self) -> Result<Option<coral_snapshot::Options>> {
+        if self.kind == "none" {
+            return Ok(None);
+        }
+        Ok(Some(coral_snapshot::Options {
+            kind: self.kind.parse().map_err(anyhow::Error::msg)?,
+            parent: self.parent_snapshot.clone(),
+            kms_key: self.kms_key.clone(),
+            tags: self.tags.clone(),
+            description: self.description.clone(),
+            workers: self.snapshot_workers.max(1),
+            attempts: self.snapshot_attempts.max(1),
+            deadline: parse_duration(&self.snapshot_deadline).context("--snapshot-deadline")?,
+            poll_interval: parse_duration(&self.snapshot_poll).context("--snapshot-poll")?,
+            volume_id: self.volume_id.clone(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,6 +193,8 @@ struct BuildArgs {
     /// Progress display (auto: bars on a terminal, JSON lines otherwise).
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressArg,
+    #[command(flatten)]
+    snapshot: SnapshotArgs,
 }
 
 #[derive(Deserialize, Default)]
@@ -165,6 +234,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(args) => runtime.block_on(build(*args)),
         Command::Inspect { path } => inspect(&path),
+        Command::Snapshot { path, snapshot } => runtime.block_on(snapshot_cmd(&path, &snapshot)),
         Command::Verify { path, json } => verify_cmd(&path, json),
     };
     match result {
@@ -196,6 +266,24 @@ fn inspect(path: &Path) -> Result<ExitCode> {
         "{}",
         String::from_utf8_lossy(&manifest.to_json()).trim_end()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshot_cmd(path: &Path, args: &SnapshotArgs) -> Result<ExitCode> {
+    let Some(opts) = args.options()? else {
+        bail!("--snapshot none: nothing to do");
+    };
+    let seed = {
+        let (root, _guard) = open_volume(path)?;
+        let (manifest, digest) = verify::read_manifest(&root)?;
+        coral_snapshot::SeedInfo {
+            manifest_digest: digest,
+            seed_key: manifest.seed_key.clone(),
+            build_id: manifest.build_id.clone(),
+        }
+    };
+    let record = coral_snapshot::snapshot(path, &seed, &opts).await?;
+    println!("{}", serde_json::to_string_pretty(&record)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -285,6 +373,8 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         .map(parse_duration)
         .transpose()
         .context("--deadline")?;
+    // Checked before any pulling.
+    let snapshot_opts = args.snapshot.options()?;
 
     let credentials = Credentials::load(args.registry_config.as_deref())?;
     let client = Arc::new(RegistryClient::new(
@@ -362,6 +452,30 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     };
     progress.finish();
 
+    let snapshot = match &snapshot_opts {
+        None => None,
+        Some(o) => {
+            let seed = coral_snapshot::SeedInfo {
+                manifest_digest: staged.manifest_digest.clone(),
+                seed_key: staged.manifest.seed_key.clone(),
+                build_id: staged.manifest.build_id.clone(),
+            };
+            let record = coral_snapshot::snapshot(&args.output, &seed, o)
+                .await
+                .with_context(|| {
+                    format!(
+                        "the volume {} is complete, but its {} snapshot failed (retry with \
+                         `coral-builder snapshot {} --snapshot {}`)",
+                        args.output.display(),
+                        o.kind,
+                        args.output.display(),
+                        o.kind
+                    )
+                })?;
+            Some(record)
+        }
+    };
+
     let report = json!({
         "output": args.output,
         "filesystem": {
@@ -386,7 +500,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         "bytesPulled": staged.bytes_pulled,
         "bytesReused": staged.bytes_reused,
         "phases": staged.phases,
-        "snapshot": null,
+        "snapshot": snapshot,
         "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
     });
     let text = serde_json::to_string_pretty(&report)?;
@@ -411,7 +525,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         let summary = json!({
             "seedKey": staged.manifest.seed_key.to_string(),
             "manifestDigest": staged.manifest_digest.to_string(),
-            "snapshotId": null,
+            "snapshotId": snapshot.as_ref().map(|s| s.id.clone()),
             "output": args.output,
         });
         let _ = std::fs::write(termination, serde_json::to_vec(&summary)?);

@@ -171,7 +171,10 @@ async fn run_with_containerd_already_running_copies_and_leaves_its_root_alone() 
         "mount over a live root: {:?}\n{stderr}",
         refused.status
     );
-    ensure!(!is_mount_point(c.root())?, "mount went ahead over a live root");
+    ensure!(
+        !is_mount_point(c.root())?,
+        "mount went ahead over a live root"
+    );
     let copy_target = work.path().join("seed");
     let status_file = work.path().join("status.json");
     let out = Command::new(workspace_bin("coral-node-mounter")?)

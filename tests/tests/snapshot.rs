@@ -1,0 +1,308 @@
+//! Snapshot backends: `file` (a sidecar record naming the image by its
+//! SHA-256) and `ebs-direct` against moto's server (EC2 + EBS direct APIs on
+//! 127.0.0.1), with and without a fault-injecting proxy in between.
+//!
+//! moto stores blocks but does not check block checksums or the aggregate
+//! checksum, has no pending state, and does not implement parent inheritance
+//! or KMS: these tests check what is sent and read back, not what AWS would
+//! verify on its side.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use coral_tests::faultproxy::{Fault, FaultPlan, FaultProxy, When};
+use coral_tests::fixtures::Corpus;
+use coral_tests::moto::Moto;
+use coral_tests::process::run;
+use coral_tests::seed::{build, sha256_file};
+use coral_tests::workspace_bin;
+
+const BLOCK: u64 = 512 * 1024;
+
+/// `coral-builder ARGS` with the AWS configuration chain pointed at `endpoint`.
+fn builder_with_aws(endpoint: &str, args: &[&str]) -> Result<Output> {
+    Ok(Command::new(workspace_bin("coral-builder")?)
+        .args(args)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "coral-test")
+        .env("AWS_SECRET_ACCESS_KEY", "coral-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .output()?)
+}
+
+/// Every block of `snapshot`, read back through ListSnapshotBlocks and
+/// GetSnapshotBlock.
+async fn read_back(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> Result<BTreeMap<u64, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut token = None;
+    loop {
+        let page = ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .context("ListSnapshotBlocks")?;
+        // (moto reports a block size of 512 bytes; EBS's is 512 KiB.)
+        for b in page.blocks() {
+            let index = b.block_index().context("block index")?;
+            let got = ebs
+                .get_snapshot_block()
+                .snapshot_id(snapshot)
+                .block_index(index)
+                .block_token(b.block_token().context("block token")?)
+                .send()
+                .await
+                .context("GetSnapshotBlock")?;
+            let data = got.block_data.collect().await?.into_bytes().to_vec();
+            out.insert(index as u64, data);
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The snapshot's blocks, holes read as zeros, equal the image byte for byte.
+fn same_bytes(image: &Path, blocks: &BTreeMap<u64, Vec<u8>>, volume_gib: u64) -> Result<()> {
+    let bytes = std::fs::read(image)?;
+    let total = (volume_gib << 30) / BLOCK;
+    ensure!(
+        (bytes.len() as u64).div_ceil(BLOCK) <= total,
+        "the image is larger than the snapshot's volume"
+    );
+    let zero = vec![0u8; BLOCK as usize];
+    for index in 0..total {
+        let start = (index * BLOCK) as usize;
+        let mut want = bytes
+            .get(start..(start + BLOCK as usize).min(bytes.len()))
+            .unwrap_or(&[])
+            .to_vec();
+        want.resize(BLOCK as usize, 0);
+        let got = blocks.get(&index).map(Vec::as_slice).unwrap_or(&zero);
+        ensure!(
+            got == want.as_slice(),
+            "block {index} differs from the image"
+        );
+    }
+    ensure!(
+        blocks.keys().all(|i| *i < total),
+        "blocks beyond the volume's end"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_file_snapshot_names_the_image_by_its_sha256() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-snap-").tempdir()?;
+    let image = work.path().join("seed.img");
+    let report = build(&reg, &["tiny"], &["linux/amd64"], &image, &[])?;
+    let want = format!("sha256:{}", sha256_file(&image)?);
+    let snap = &report["snapshot"];
+    ensure!(
+        snap["kind"] == "file" && snap["id"] == want.as_str(),
+        "{report:#}"
+    );
+    ensure!(
+        snap["manifestDigest"] == report["manifestDigest"],
+        "{report:#}"
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("seed.img.snapshot.json"))?)?;
+    ensure!(sidecar["id"] == want.as_str(), "{sidecar:#}");
+    // The same from the snapshot command, for an image built earlier.
+    let out = run(Command::new(workspace_bin("coral-builder")?)
+        .args(["snapshot", "--snapshot", "file"])
+        .arg(&image))?;
+    let again: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(again["id"] == want.as_str(), "{again:#}");
+    ensure!(again["seedKey"] == report["seedKey"], "{again:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebs_direct_uploads_every_byte_and_the_snapshot_makes_a_volume() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let moto = Moto::start()?;
+    let work = tempfile::Builder::new().prefix("coral-snap-").tempdir()?;
+    let image = work.path().join("seed.img");
+    let endpoint = moto.endpoint();
+    let output = image.to_str().context("utf-8")?;
+    let mut args = vec!["build", "--output", output, "--json", "--progress", "none"];
+    let refs: Vec<String> = ["tiny", "layered"]
+        .iter()
+        .map(|i| format!("{}/{}:latest", reg.host(), Corpus::repository(i)))
+        .collect();
+    for r in &refs {
+        args.extend(["--image", r.as_str()]);
+    }
+    let host = reg.host();
+    args.extend([
+        "--insecure-registry",
+        host.as_str(),
+        "--platform",
+        "linux/amd64",
+    ]);
+    args.extend([
+        "--snapshot",
+        "ebs-direct",
+        "--tag",
+        "team=ml",
+        "--snapshot-poll",
+        "200ms",
+    ]);
+    let o = builder_with_aws(&endpoint, &args)?;
+    ensure!(
+        o.status.success(),
+        "build --snapshot ebs-direct: {}\nmoto log:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        moto.log_tail()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let snap = &report["snapshot"];
+    let id = snap["id"].as_str().context("snapshot id")?.to_string();
+    ensure!(
+        id.starts_with("snap-") && snap["kind"] == "ebs-direct",
+        "{report:#}"
+    );
+
+    let config = moto.sdk_config().await;
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let blocks = read_back(&ebs, &id).await?;
+    let gib = snap["volumeSizeGib"].as_u64().context("volumeSizeGib")?;
+    same_bytes(&image, &blocks, gib)?;
+    ensure!(
+        snap["blocksSent"].as_u64() == Some(blocks.len() as u64),
+        "the record says {} blocks sent, the snapshot holds {}",
+        snap["blocksSent"],
+        blocks.len()
+    );
+    // Holes and zero blocks were left out: far fewer than the volume's blocks.
+    ensure!(
+        (blocks.len() as u64) < std::fs::metadata(&image)?.len() / BLOCK,
+        "every block was sent"
+    );
+
+    // EC2 sees it, completed and tagged, and makes a volume from it.
+    let described = ec2.describe_snapshots().snapshot_ids(&id).send().await?;
+    let s = described.snapshots().first().context("DescribeSnapshots")?;
+    ensure!(s.state().map(|s| s.as_str()) == Some("completed"), "{s:?}");
+    let tags: BTreeMap<&str, &str> = s
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value()?)))
+        .collect();
+    ensure!(
+        tags.get("team") == Some(&"ml")
+            && tags.get("coral/manifest-digest") == report["manifestDigest"].as_str().as_ref()
+            && tags.get("coral/seed-key") == report["seedKey"].as_str().as_ref(),
+        "tags {tags:?}"
+    );
+    let volume = ec2
+        .create_volume()
+        .snapshot_id(&id)
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .context("CreateVolume from the snapshot")?;
+    ensure!(volume.size() == Some(gib as i32), "{volume:?}");
+
+    // Through a proxy that resets and fails requests: still every byte.
+    moto.reset().await?;
+    let proxy = FaultProxy::start(
+        &endpoint.replace("http://", ""),
+        FaultPlan::none()
+            .with(Some("/blocks/"), Fault::Reset, When::EveryKth(4))
+            .with(Some("/blocks/"), Fault::Status(500), When::EveryKth(5))
+            .with(Some("/snapshots"), Fault::Status(503), When::FirstN(1)),
+    )?;
+    let o = builder_with_aws(
+        &format!("http://{}", proxy.host()),
+        &[
+            "snapshot",
+            output,
+            "--snapshot",
+            "ebs-direct",
+            "--snapshot-poll",
+            "200ms",
+        ],
+    )?;
+    ensure!(
+        o.status.success(),
+        "snapshot through the fault proxy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(proxy.counters.faults() > 0, "the proxy injected no fault");
+    let record: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let id = record["id"].as_str().context("id")?;
+    same_bytes(&image, &read_back(&ebs, id).await?, gib)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upload_that_keeps_failing_ends_in_time_and_leaves_no_snapshot() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let moto = Moto::start()?;
+    let work = tempfile::Builder::new().prefix("coral-snap-").tempdir()?;
+    let image = work.path().join("seed.img");
+    build(
+        &reg,
+        &["tiny"],
+        &["linux/amd64"],
+        &image,
+        &["--snapshot", "none"],
+    )?;
+    ensure!(
+        !work.path().join("seed.img.snapshot.json").exists(),
+        "--snapshot none wrote a record"
+    );
+    let proxy = FaultProxy::start(
+        &moto.endpoint().replace("http://", ""),
+        FaultPlan::none().with(Some("/blocks/"), Fault::Status(500), When::Always),
+    )?;
+    let started = Instant::now();
+    let o = builder_with_aws(
+        &format!("http://{}", proxy.host()),
+        &[
+            "snapshot",
+            image.to_str().context("utf-8")?,
+            "--snapshot",
+            "ebs-direct",
+            "--snapshot-attempts",
+            "3",
+            "--snapshot-deadline",
+            "60s",
+        ],
+    )?;
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.code() == Some(1), "{:?}: {stderr}", o.status);
+    ensure!(
+        elapsed < Duration::from_secs(60),
+        "took {elapsed:?}: {stderr}"
+    );
+    ensure!(
+        stderr.contains("PutSnapshotBlock") && stderr.contains("has been deleted"),
+        "{stderr}"
+    );
+    // Nothing that looks complete is left.
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let left = ec2.describe_snapshots().owner_ids("self").send().await?;
+    ensure!(
+        left.snapshots().is_empty(),
+        "left behind: {:?}",
+        left.snapshots()
+    );
+    Ok(())
+}
