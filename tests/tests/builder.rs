@@ -387,13 +387,27 @@ async fn the_same_seed_set_built_twice_gives_identical_ext4_images() -> Result<(
     );
     let (h1, h2) = (sha256_file(&one)?, sha256_file(&two)?);
     ensure!(h1 == h2, "image files differ: {h1} vs {h2}");
-    // The work directories are gone after a successful build.
+    // Same image, same file snapshot ID.
+    ensure!(
+        r1["snapshot"]["id"] == r2["snapshot"]["id"]
+            && r1["snapshot"]["id"] == format!("sha256:{h1}").as_str(),
+        "snapshot records: {} vs {}",
+        r1["snapshot"],
+        r2["snapshot"]
+    );
+    // The work directories are gone after a successful build: the image and
+    // its snapshot record are all that is left.
     for d in [one.parent().unwrap(), two.parent().unwrap()] {
-        let left: Vec<_> = std::fs::read_dir(d)?
+        let mut left: Vec<_> = std::fs::read_dir(d)?
             .flatten()
-            .map(|e| e.file_name())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        ensure!(left.len() == 1, "left behind in {}: {left:?}", d.display());
+        left.sort();
+        ensure!(
+            left == ["seed.img", "seed.img.snapshot.json"],
+            "left behind in {}: {left:?}",
+            d.display()
+        );
     }
     Ok(())
 }

@@ -2,9 +2,10 @@
 //!
 //! It starts the test bed (a local registry serving the sample images), runs
 //! `coral-builder build` into a local volume file, verifies and inspects it,
-//! then times the path coral replaces on a fresh containerd: a node pulling
-//! and unpacking the images through CRI, then starting a container. The node
-//! side (coral-node-mounter adopting the volume) joins as it lands.
+//! then times both paths on a fresh node, side by side: containerd pulling
+//! and unpacking the images through CRI then starting a container (what
+//! coral replaces), and coral-node-mounter mounting the volume over a fresh
+//! containerd's root, adopting every image, then starting the same container.
 
 use std::time::Instant;
 
@@ -67,6 +68,12 @@ async fn main() -> Result<()> {
         report["manifestDigest"].as_str().unwrap_or("?"),
     );
     println!("  phases: {}", report["phases"]);
+    println!(
+        "  snapshot ({}): {} -> {}",
+        report["snapshot"]["kind"].as_str().unwrap_or("?"),
+        report["snapshot"]["id"].as_str().unwrap_or("?"),
+        coral_snapshot_record(&volume).display()
+    );
     step("coral-builder verify: every blob and layer tree re-hashed");
     let t = Instant::now();
     run(std::process::Command::new(&builder)
@@ -109,29 +116,131 @@ async fn main() -> Result<()> {
         .args(&check.argv))?;
     let total = started.elapsed();
     println!("  container printed: {}", out.trim());
+    drop(c);
 
-    step("timings");
-    println!("  {:<28} {:>10}", "step", "seconds");
+    step(
+        "coral: coral-node-mounter run (mount over a fresh containerd's root, adopt), then the same container",
+    );
+    let node_dir = tempfile::Builder::new()
+        .prefix("coral-demo-node-")
+        .tempdir()?;
+    let node_img = node_dir.path().join("node.img");
+    // The node gets its own copy: adopting moves files inside the volume.
+    run(std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&volume)
+        .arg(&node_img))?;
+    let root = node_dir.path().join("containerd-root");
+    let status_file = node_dir.path().join("status.json");
+    let ctrd_dir = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+    let address = ctrd_dir.path().join("containerd.sock");
+    let started = Instant::now();
+    let child = std::process::Command::new(coral_tests::workspace_bin("coral-node-mounter")?)
+        .args(["run", "--deadline", "2m", "--device"])
+        .arg(&node_img)
+        .arg("--root")
+        .arg(&root)
+        .arg("--carry-dir")
+        .arg(node_dir.path().join("carry"))
+        .arg("--address")
+        .arg(&address)
+        .arg("--status-file")
+        .arg(&status_file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let _unmount = UnmountOnDrop(root.clone());
+    // As systemd orders it: containerd starts once the volume is its root.
+    while !root.join(".coral/manifest.json").exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 60,
+            "coral-node-mounter did not mount the volume"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mounted = started.elapsed();
+    let c = Containerd::start_with_root(&build, &[&reg], ctrd_dir, root.clone()).await?;
+    let containerd_up = started.elapsed();
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.code() == Some(0),
+        "coral-node-mounter run: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported = started.elapsed();
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        println!("  {line}");
+    }
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file)?)?;
+    let import_seconds = status["images"][0]["seconds"].as_f64().unwrap_or(f64::NAN);
+    let out = run(c
+        .ctr()
+        .args([
+            "--namespace",
+            "k8s.io",
+            "run",
+            "--rm",
+            &reference,
+            "demo-coral",
+        ])
+        .args(&check.argv))?;
+    let coral_total = started.elapsed();
+    let coral_after_containerd = coral_total - containerd_up;
+    println!("  container printed: {}", out.trim());
+    println!(
+        "  status file {}: phase {}, {} images seeded",
+        status_file.display(),
+        status["phase"],
+        status["images"].as_array().map(Vec::len).unwrap_or(0)
+    );
+    drop(c);
+
+    step("timings (seconds)");
+    let row = |what: &str, secs: f64| println!("  {what:<52} {secs:>8.2}");
+    row(
+        "coral-builder build (all images, once, off the node)",
+        build_time.as_secs_f64(),
+    );
     for (name, d) in &rows {
-        println!(
-            "  {:<28} {:>10.2}",
-            format!("CRI pull {name}"),
-            d.as_secs_f64()
+        row(
+            &format!("node without coral: CRI pull {name}"),
+            d.as_secs_f64(),
         );
     }
-    println!(
-        "  {:<28} {:>10.2}",
-        "pulls + first container",
-        total.as_secs_f64()
+    row(
+        "node without coral: pulls + first container",
+        total.as_secs_f64(),
+    );
+    row("node with coral: mount the volume", mounted.as_secs_f64());
+    row("node with coral: adopt every image", import_seconds);
+    row(
+        "node with coral: containerd up -> images ready",
+        (imported - containerd_up).as_secs_f64(),
+    );
+    row(
+        "node with coral: containerd up -> first container",
+        coral_after_containerd.as_secs_f64(),
     );
     println!(
-        "  {:<28} {:>10.2}",
-        "coral-builder build (all)",
-        build_time.as_secs_f64()
-    );
-    println!(
-        "\nNext on the node side (coral-node-mounter, in progress): adopt {} into containerd in seconds.",
-        volume.display()
+        "  {:<52} {:>7.1}x",
+        "first container, coral vs CRI pulls",
+        total.as_secs_f64() / coral_after_containerd.as_secs_f64()
     );
     Ok(())
+}
+
+/// Where the file snapshot backend put the volume's record.
+fn coral_snapshot_record(volume: &std::path::Path) -> std::path::PathBuf {
+    let mut name = volume.file_name().unwrap_or_default().to_os_string();
+    name.push(".snapshot.json");
+    volume.with_file_name(name)
+}
+
+/// Unmounts the node's volume at the end, whatever happens.
+struct UnmountOnDrop(std::path::PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
