@@ -462,7 +462,10 @@ mod tests {
     fn a_copy_to_another_filesystem_is_exact_too() {
         // copy_file_range fails across filesystems (EXDEV): the read/write
         // path, the one a node uses (volume to containerd's disk), runs here.
-        assert!(is_root(), "this test needs root (mknod, chown, trusted xattrs)");
+        assert!(
+            is_root(),
+            "this test needs root (mknod, chown, trusted xattrs)"
+        );
         let tmp = tempfile::tempdir().unwrap();
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let (src, dst) = (tmp.path().join("src"), shm.path().join("dst"));
@@ -478,7 +481,10 @@ mod tests {
         let (want, _) = coral_seed::tree::tree_digest(&src).unwrap();
         let (got, _) = coral_seed::tree::tree_digest(&dst).unwrap();
         assert_eq!(got, want, "the copy on tmpfs differs from its source");
-        assert_eq!(fs::read(dst.join("big")).unwrap(), fs::read(src.join("big")).unwrap());
+        assert_eq!(
+            fs::read(dst.join("big")).unwrap(),
+            fs::read(src.join("big")).unwrap()
+        );
     }
 
     #[test]
