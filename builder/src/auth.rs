@@ -1,8 +1,11 @@
 //! Registry credentials from a docker `config.json`: `auths` entries
 //! (`auth` = base64 `user:password`, or `username`/`password`), and
 //! credential helpers (`credHelpers` per registry, `credsStore` for all)
-//! when the helper binary is installed. Registries with no entry are used
-//! anonymously. Secrets never reach logs or errors.
+//! when the helper binary is installed; then Amazon ECR registries
+//! (`ACCOUNT.dkr.ecr.REGION.amazonaws.com`, and hosts named with
+//! `--ecr-registry`) get a token from the ECR API (GetAuthorizationToken,
+//! through the AWS SDK and the standard credential chain). Registries with
+//! none of these are used anonymously. Secrets never reach logs or errors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,8 @@ pub enum AuthError {
     },
     #[error("registry config entry for {registry}: {reason}")]
     Entry { registry: String, reason: String },
+    #[error("ECR token for {registry}: {reason}")]
+    Ecr { registry: String, reason: String },
     #[error("credential helper docker-credential-{helper} for {registry}: {reason}")]
     Helper {
         helper: String,
@@ -74,6 +79,31 @@ impl std::fmt::Debug for AuthEntry {
 #[derive(Debug, Default)]
 pub struct Credentials {
     config: DockerConfig,
+    /// More hosts to treat as ECR registries (e.g. behind a custom name).
+    ecr_hosts: Vec<String>,
+    /// ECR tokens already fetched (valid for 12 hours: longer than a build).
+    ecr_tokens: tokio::sync::Mutex<BTreeMap<String, (String, String)>>,
+}
+
+/// The account and region of an ECR registry host
+/// (`123456789012.dkr.ecr[-fips].us-east-1.amazonaws.com[.cn]`).
+pub fn ecr_host(host: &str) -> Option<(String, String)> {
+    let host = host.split(':').next()?;
+    let mut parts = host.split('.');
+    let account = parts.next()?;
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if parts.next()? != "dkr" || !matches!(parts.next()?, "ecr" | "ecr-fips") {
+        return None;
+    }
+    let region = parts.next()?;
+    let rest: Vec<&str> = parts.collect();
+    (matches!(
+        rest.as_slice(),
+        ["amazonaws", "com"] | ["amazonaws", "com", "cn"]
+    ) && !region.is_empty())
+    .then(|| (account.to_string(), region.to_string()))
 }
 
 /// `https://index.docker.io/v1/` and friends → `docker.io`; otherwise the
@@ -122,7 +152,10 @@ impl Credentials {
                 path: path.clone(),
                 source,
             })?;
-        let creds = Credentials { config };
+        let creds = Credentials {
+            config,
+            ..Credentials::default()
+        };
         // Decode every static entry now, so a broken one fails the build
         // before any pull starts, naming the registry.
         for key in creds.config.auths.keys() {
@@ -183,7 +216,67 @@ impl Credentials {
         if let Some(store) = &self.config.creds_store {
             return run_helper(store, &registry).await;
         }
+        let named = self.ecr_hosts.iter().any(|h| normalise_key(h) == registry);
+        if let Some((_account, region)) = ecr_host(&registry) {
+            return self.ecr_token(&registry, Some(region)).await;
+        } else if named {
+            return self.ecr_token(&registry, None).await;
+        }
         Ok(RegistryAuth::Anonymous)
+    }
+
+    /// Treats `hosts` (`host[:port]`) as ECR registries too.
+    pub fn with_ecr_registries(mut self, hosts: &[String]) -> Credentials {
+        self.ecr_hosts.extend(hosts.iter().cloned());
+        self
+    }
+
+    /// A token from ECR's GetAuthorizationToken (user `AWS`; it opens every
+    /// registry the principal may read), in the registry's region (else the
+    /// configured one), once per registry.
+    async fn ecr_token(
+        &self,
+        registry: &str,
+        region: Option<String>,
+    ) -> Result<RegistryAuth, AuthError> {
+        let mut cache = self.ecr_tokens.lock().await;
+        if let Some((u, p)) = cache.get(registry) {
+            return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+        }
+        let fail = |reason: String| AuthError::Ecr {
+            registry: registry.to_string(),
+            reason,
+        };
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r));
+        }
+        let config = loader.load().await;
+        let out = aws_sdk_ecr::Client::new(&config)
+            .get_authorization_token()
+            .send()
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "GetAuthorizationToken: {}",
+                    aws_sdk_ecr::error::DisplayErrorContext(&e)
+                ))
+            })?;
+        let token = out
+            .authorization_data()
+            .first()
+            .and_then(|d| d.authorization_token())
+            .ok_or_else(|| fail("GetAuthorizationToken returned no token".into()))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| fail("the token is not base64 text".into()))?;
+        let (user, pass) = decoded
+            .split_once(':')
+            .ok_or_else(|| fail("the token is not USER:PASSWORD".into()))?;
+        cache.insert(registry.to_string(), (user.to_string(), pass.to_string()));
+        Ok(RegistryAuth::Basic(user.to_string(), pass.to_string()))
     }
 }
 
@@ -272,6 +365,32 @@ mod tests {
         match a {
             RegistryAuth::Basic(u, p) => (u, p),
             other => panic!("expected basic auth, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ecr_hosts_name_their_account_and_region() {
+        let ok = |h: &str| ecr_host(h).map(|(a, r)| format!("{a} {r}"));
+        assert_eq!(
+            ok("123456789012.dkr.ecr.us-east-1.amazonaws.com").as_deref(),
+            Some("123456789012 us-east-1")
+        );
+        assert_eq!(
+            ok("123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com:443").as_deref(),
+            Some("123456789012 us-gov-west-1")
+        );
+        assert_eq!(
+            ok("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn").as_deref(),
+            Some("123456789012 cn-north-1")
+        );
+        for not in [
+            "public.ecr.aws",
+            "12345.dkr.ecr.us-east-1.amazonaws.com",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example",
+            "123456789012.dkr.ecr..amazonaws.com",
+            "docker.io",
+        ] {
+            assert_eq!(ok(not), None, "{not}");
         }
     }
 

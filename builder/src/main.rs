@@ -154,6 +154,11 @@ struct BuildArgs {
     /// A registry (HOST:PORT) spoken to over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// A registry (HOST[:PORT]) to authenticate with an ECR token even though
+    /// its name is not `ACCOUNT.dkr.ecr.REGION.amazonaws.com` (repeatable;
+    /// ECR names get one anyway). The region is the AWS configuration's.
+    #[arg(long = "ecr-registry", value_name = "HOST[:PORT]")]
+    ecr_registries: Vec<String>,
     /// An extra CA certificate (PEM) to trust for registries (repeatable).
     #[arg(long = "ca-cert", value_name = "FILE")]
     ca_certs: Vec<PathBuf>,
@@ -376,7 +381,8 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     // Checked before any pulling.
     let snapshot_opts = args.snapshot.options()?;
 
-    let credentials = Credentials::load(args.registry_config.as_deref())?;
+    let credentials = Credentials::load(args.registry_config.as_deref())?
+        .with_ecr_registries(&args.ecr_registries);
     let client = Arc::new(RegistryClient::new(
         RegistryOptions {
             insecure,

@@ -306,3 +306,69 @@ async fn an_upload_that_keeps_failing_ends_in_time_and_leaves_no_snapshot() -> R
     );
     Ok(())
 }
+
+/// ECR credentials through the AWS SDK: a TLS registry that wants user `AWS`
+/// and the password moto's GetAuthorizationToken hands out, named with
+/// `--ecr-registry` (real ECR names cannot resolve to 127.0.0.1 here).
+#[tokio::test]
+async fn an_ecr_registry_is_pulled_with_a_token_from_the_ecr_api() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let moto = Moto::start()?;
+    // moto's token for its default account is AWS:<account>-auth-token.
+    let reg = corpus.registry(coral_tests::registry::RegistryOptions {
+        tls: true,
+        auth: Some(("AWS".into(), "123456789012-auth-token".into())),
+        ..Default::default()
+    })?;
+    let work = tempfile::Builder::new().prefix("coral-ecr-").tempdir()?;
+    let image = work.path().join("seed.img");
+    let reference = format!("{}/{}:latest", reg.host(), Corpus::repository("tiny"));
+    let ca = reg.ca_cert().context("a TLS registry has a CA")?;
+    let args = |ecr: bool| {
+        let mut a = vec![
+            "build".to_string(),
+            "--output".into(),
+            image.display().to_string(),
+            "--image".into(),
+            reference.clone(),
+            "--ca-cert".into(),
+            ca.display().to_string(),
+            "--platform".into(),
+            "linux/amd64".into(),
+            "--progress".into(),
+            "none".into(),
+            "--retries".into(),
+            "1".into(),
+            "--snapshot".into(),
+            "none".into(),
+        ];
+        if ecr {
+            a.extend(["--ecr-registry".into(), reg.host()]);
+        }
+        a
+    };
+    // Without the token: refused, and the error names the registry.
+    let no = builder_with_aws(
+        &moto.endpoint(),
+        &args(false).iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let stderr = String::from_utf8_lossy(&no.stderr);
+    ensure!(!no.status.success(), "an anonymous pull was accepted");
+    ensure!(stderr.contains(&reg.host()), "{stderr}");
+    ensure!(
+        !stderr.contains("auth-token"),
+        "a secret reached the error: {stderr}"
+    );
+    let yes = builder_with_aws(
+        &moto.endpoint(),
+        &args(true).iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let stderr = String::from_utf8_lossy(&yes.stderr);
+    ensure!(yes.status.success(), "with the ECR token: {stderr}");
+    ensure!(
+        !stderr.contains("auth-token"),
+        "a secret reached the log: {stderr}"
+    );
+    ensure!(image.exists(), "no volume written");
+    Ok(())
+}
