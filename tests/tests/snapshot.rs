@@ -372,3 +372,80 @@ async fn an_ecr_registry_is_pulled_with_a_token_from_the_ecr_api() -> Result<()>
     ensure!(image.exists(), "no volume written");
     Ok(())
 }
+
+/// `--snapshot ebs`: CreateSnapshot of the volume the builder wrote. moto
+/// holds no data for its volumes, so this checks the API flow: the snapshot
+/// of the named volume, tagged, waited for, and recorded.
+#[tokio::test]
+async fn ebs_snapshots_the_named_volume_with_coral_tags() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let moto = Moto::start()?;
+    let work = tempfile::Builder::new().prefix("coral-snap-").tempdir()?;
+    let image = work.path().join("seed.img");
+    let report = build(
+        &reg,
+        &["tiny"],
+        &["linux/amd64"],
+        &image,
+        &["--snapshot", "none"],
+    )?;
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let volume = ec2
+        .create_volume()
+        .size(1)
+        .availability_zone("us-east-1a")
+        .send()
+        .await?
+        .volume_id()
+        .context("volume id")?
+        .to_string();
+    let o = builder_with_aws(
+        &moto.endpoint(),
+        &[
+            "snapshot",
+            image.to_str().context("utf-8")?,
+            "--snapshot",
+            "ebs",
+            "--volume-id",
+            &volume,
+            "--tag",
+            "pool=gpu",
+            "--snapshot-poll",
+            "200ms",
+        ],
+    )?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let id = record["id"].as_str().context("id")?;
+    let described = ec2.describe_snapshots().snapshot_ids(id).send().await?;
+    let s = described.snapshots().first().context("the snapshot")?;
+    ensure!(s.volume_id() == Some(volume.as_str()), "{s:?}");
+    ensure!(s.state().map(|s| s.as_str()) == Some("completed"), "{s:?}");
+    let tags: BTreeMap<&str, &str> = s
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value()?)))
+        .collect();
+    ensure!(
+        tags.get("pool") == Some(&"gpu")
+            && tags.get("coral/seed-key") == report["seedKey"].as_str().as_ref(),
+        "tags {tags:?}"
+    );
+    // Without a volume ID and on no EBS device: a clear refusal.
+    let o = builder_with_aws(
+        &moto.endpoint(),
+        &[
+            "snapshot",
+            image.to_str().context("utf-8")?,
+            "--snapshot",
+            "ebs",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && stderr.contains("--volume-id"),
+        "{stderr}"
+    );
+    Ok(())
+}
