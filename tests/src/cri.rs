@@ -35,3 +35,19 @@ pub async fn pull(images: &mut ImageServiceClient<Channel>, reference: &str) -> 
         .with_context(|| format!("CRI PullImage {reference}"))?;
     Ok(resp.into_inner().image_ref)
 }
+
+/// Every repo tag CRI lists (kubelet's view of the node's images), sorted.
+pub async fn tags(socket: &Path) -> Result<Vec<String>> {
+    let mut svc = image_service(socket).await?;
+    let mut tags: Vec<String> = svc
+        .list_images(k8s_cri::v1::ListImagesRequest { filter: None })
+        .await
+        .context("CRI ListImages")?
+        .into_inner()
+        .images
+        .into_iter()
+        .flat_map(|i| i.repo_tags)
+        .collect();
+    tags.sort();
+    Ok(tags)
+}

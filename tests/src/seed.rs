@@ -82,3 +82,13 @@ pub fn sha256_file(p: &Path) -> Result<String> {
         .unwrap_or_default()
         .to_string())
 }
+
+/// Unmounts a directory (and so frees an autoclear loop device under it)
+/// when dropped, whatever happened.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -221,23 +221,7 @@ async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> R
         images_check(&c)?;
 
         // Each image's top snapshot looks the same as the pulled one.
-        for img in adopt_images(&m) {
-            let top = img.layers.last().expect("layers").chain_id.to_string();
-            let a = c.view(&top, &work.path().join("view-adopted")).await?;
-            let p = pulled.view(&top, &work.path().join("view-pulled")).await?;
-            let opts = Options {
-                dir_mtimes: true,
-                ..Options::default()
-            };
-            let diffs = treecmp::compare_dirs("adopted", a.path(), "pulled", p.path(), &opts)?;
-            ensure!(
-                diffs.is_empty(),
-                "containerd {}: {}: {}",
-                b.version,
-                img.reference,
-                diffs.join("\n")
-            );
-        }
+        top_views_equal(&c, &pulled, &m, work.path(), "adopted").await?;
         check_runs(&c, corpus, &reg.host()).await?;
 
         // Idempotent: a second import changes nothing.
@@ -281,6 +265,35 @@ fn gc_by_deleting_a_tag(c: &Containerd, host: &str) -> Result<()> {
     run(c
         .ctr()
         .args(["-n", "k8s.io", "images", "rm", "--sync", &bait]))?;
+    Ok(())
+}
+
+/// Each host-platform image's top snapshot in `c` looks, entry by entry,
+/// as in `pulled` (the same containerd after pulling the images).
+async fn top_views_equal(
+    c: &Containerd,
+    pulled: &Containerd,
+    m: &SeedManifest,
+    work: &Path,
+    label: &str,
+) -> Result<()> {
+    for img in adopt_images(m) {
+        let top = img.layers.last().expect("layers").chain_id.to_string();
+        let a = c.view(&top, &work.join(format!("view-{label}"))).await?;
+        let p = pulled.view(&top, &work.join("view-pulled")).await?;
+        let opts = Options {
+            dir_mtimes: true,
+            ..Options::default()
+        };
+        let diffs = treecmp::compare_dirs(label, a.path(), "pulled", p.path(), &opts)?;
+        ensure!(
+            diffs.is_empty(),
+            "containerd {}: {}: {}",
+            c.build.version,
+            img.reference,
+            diffs.join("\n")
+        );
+    }
     Ok(())
 }
 
@@ -539,23 +552,7 @@ async fn copy_mode_from_a_read_only_volume_equals_a_pull_and_pulls_what_it_lacks
             cri_images(&c).await?
         );
         images_check(&c)?;
-        for img in adopt_images(&m) {
-            let top = img.layers.last().expect("layers").chain_id.to_string();
-            let a = c.view(&top, &work.path().join("view-copied")).await?;
-            let p = pulled.view(&top, &work.path().join("view-pulled")).await?;
-            let opts = Options {
-                dir_mtimes: true,
-                ..Options::default()
-            };
-            let diffs = treecmp::compare_dirs("copied", a.path(), "pulled", p.path(), &opts)?;
-            ensure!(
-                diffs.is_empty(),
-                "containerd {}: {}: {}",
-                b.version,
-                img.reference,
-                diffs.join("\n")
-            );
-        }
+        top_views_equal(&c, &pulled, &m, work.path(), "copied").await?;
         check_runs(&c, corpus, &reg.host()).await?;
         let staging = c
             .root()

@@ -11,23 +11,8 @@ use coral_tests::containerd::{self, Containerd};
 use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::process::run;
-use coral_tests::seed::{build, sha256_file};
+use coral_tests::seed::{UnmountOnDrop, build, sha256_file};
 use coral_tests::workspace_bin;
-use k8s_cri::v1 as criv1;
-
-async fn cri_tags(c: &Containerd) -> Result<Vec<String>> {
-    let mut svc = cri::image_service(c.address()).await?;
-    let mut tags: Vec<String> = svc
-        .list_images(criv1::ListImagesRequest { filter: None })
-        .await?
-        .into_inner()
-        .images
-        .into_iter()
-        .flat_map(|i| i.repo_tags)
-        .collect();
-    tags.sort();
-    Ok(tags)
-}
 
 #[tokio::test]
 async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_root() -> Result<()> {
@@ -39,7 +24,7 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
     run(Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=3g", "coral-carry"])
         .arg(work.path()))?;
-    let _tmpfs = Unmount(work.path().to_path_buf());
+    let _tmpfs = UnmountOnDrop(work.path().to_path_buf());
     run(Command::new("mount").arg("--make-shared").arg(work.path()))?;
     let built = work.path().join("seed.img");
     // Room for what is carried over (a node's volume is larger than its seed).
@@ -74,7 +59,7 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
         let image = work.path().join(format!("node-{}.img", b.version));
         std::fs::copy(&built, &image)?;
         let carry_dir = work.path().join(format!("carry-{}", b.version));
-        let _carry_bind = Unmount(carry_dir.clone());
+        let _carry_bind = UnmountOnDrop(carry_dir.clone());
         let mount = |carry_dir: &std::path::Path| -> Result<serde_json::Value> {
             let out = run(Command::new(&node)
                 .args(["mount", "--json", "--device"])
@@ -86,7 +71,7 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
             Ok(serde_json::from_str(&out)?)
         };
         let mounted = mount(&carry_dir)?;
-        let _unmount = Unmount(root.clone());
+        let _unmount = UnmountOnDrop(root.clone());
         let carried: Vec<&str> = mounted["carriedOver"]
             .as_array()
             .context("carriedOver")?
@@ -131,7 +116,7 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
             .arg("--seed")
             .arg(&root))
         .with_context(|| format!("import; log:\n{}", c.log_tail()))?;
-        let tags = cri_tags(&c).await?;
+        let tags = cri::tags(c.address()).await?;
         ensure!(
             tags.contains(&cached) && tags.contains(&seeded),
             "containerd {}: CRI lists {tags:?}, expected both {cached} (cached by the machine \
@@ -165,13 +150,4 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
         );
     }
     Ok(())
-}
-
-/// Unmounts the volume (and frees its loop device) when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }

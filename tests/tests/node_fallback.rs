@@ -13,7 +13,6 @@ use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::registry::{Registry, RegistryOptions};
 use coral_tests::workspace_bin;
-use k8s_cri::v1 as criv1;
 use serde_json::Value;
 
 /// One finished `prefetch` run.
@@ -121,20 +120,6 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// The repo tags CRI lists.
-async fn cri_tags(c: &Containerd) -> Result<Vec<String>> {
-    let mut images = cri::image_service(c.address()).await?;
-    let listed = images
-        .list_images(criv1::ListImagesRequest { filter: None })
-        .await?
-        .into_inner();
-    Ok(listed
-        .images
-        .into_iter()
-        .flat_map(|i| i.repo_tags)
-        .collect())
-}
-
 #[tokio::test]
 async fn prefetch_pulls_images_through_cri_and_a_rerun_finds_them_present() -> Result<()> {
     let corpus = Corpus::get()?;
@@ -171,7 +156,7 @@ async fn prefetch_pulls_images_through_cri_and_a_rerun_finds_them_present() -> R
                 ctx()
             );
         }
-        let tags = cri_tags(&c).await?;
+        let tags = cri::tags(c.address()).await?;
         for r in [&tiny, &minbase] {
             ensure!(
                 tags.contains(r),
@@ -395,7 +380,7 @@ async fn an_authenticated_registry_is_pulled_with_docker_config_credentials() ->
             ensure!(run.image(r)["state"] == "pulled", "{r}: {}", ctx());
         }
         ensure_no_secret(&run)?;
-        let tags = cri_tags(&c).await?;
+        let tags = cri::tags(c.address()).await?;
         ensure!(tags.contains(&tiny) && tags.contains(&minbase), "{tags:?}");
     }
     Ok(())

@@ -11,21 +11,8 @@ use anyhow::{Context, Result, ensure};
 use coral_tests::containerd::{self, Containerd};
 use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
-use coral_tests::seed::build;
+use coral_tests::seed::{UnmountOnDrop, build};
 use coral_tests::workspace_bin;
-use k8s_cri::v1 as criv1;
-
-async fn cri_tags(c: &Containerd) -> Result<Vec<String>> {
-    let mut svc = cri::image_service(c.address()).await?;
-    Ok(svc
-        .list_images(criv1::ListImagesRequest { filter: None })
-        .await?
-        .into_inner()
-        .images
-        .into_iter()
-        .flat_map(|i| i.repo_tags)
-        .collect())
-}
 
 fn is_mount_point(dir: &Path) -> Result<bool> {
     let dir = std::fs::canonicalize(dir)?;
@@ -33,15 +20,6 @@ fn is_mount_point(dir: &Path) -> Result<bool> {
     Ok(info
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or("?"))))
-}
-
-/// Unmounts a directory when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 fn statuses(status_file: &Path) -> Result<serde_json::Value> {
@@ -78,7 +56,7 @@ async fn run_mounts_the_volume_waits_for_containerd_and_adopts() -> Result<()> {
         .arg(&status_file)
         .stderr(Stdio::piped())
         .spawn()?;
-    let _unmount = Unmount(root.clone());
+    let _unmount = UnmountOnDrop(root.clone());
     // As systemd would: containerd starts once the volume is its root.
     let started = Instant::now();
     while !root.join(".coral/manifest.json").exists() {
@@ -112,7 +90,7 @@ async fn run_mounts_the_volume_waits_for_containerd_and_adopts() -> Result<()> {
     for i in status["images"].as_array().context("images")? {
         ensure!(i["state"] == "seeded", "{status}");
     }
-    let tags = cri_tags(&c).await?;
+    let tags = cri::tags(c.address()).await?;
     for name in ["tiny", "layered"] {
         let want = format!("{}/{}:latest", reg.host(), Corpus::repository(name));
         ensure!(tags.contains(&want), "CRI lists {tags:?}, not {want}");
@@ -189,7 +167,7 @@ async fn run_with_containerd_already_running_copies_and_leaves_its_root_alone() 
         .arg("--status-file")
         .arg(&status_file)
         .output()?;
-    let _unmount = Unmount(copy_target.clone());
+    let _unmount = UnmountOnDrop(copy_target.clone());
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.code() == Some(0),
@@ -209,7 +187,7 @@ async fn run_with_containerd_already_running_copies_and_leaves_its_root_alone() 
         "the volume is not at the copy target"
     );
     let tiny = format!("{}/{}:latest", reg.host(), Corpus::repository("tiny"));
-    let tags = cri_tags(&c).await?;
+    let tags = cri::tags(c.address()).await?;
     ensure!(tags.contains(&tiny), "CRI lists {tags:?}");
     ensure!(statuses(&status_file)?["exitCode"] == 0, "{stderr}");
     Ok(())

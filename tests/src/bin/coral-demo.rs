@@ -148,7 +148,7 @@ async fn main() -> Result<()> {
         .arg(&status_file)
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let _unmount = UnmountOnDrop(root.clone());
+    let _unmount = coral_tests::seed::UnmountOnDrop(root.clone());
     // As systemd orders it: containerd starts once the volume is its root.
     while !root.join(".coral/manifest.json").exists() {
         anyhow::ensure!(
@@ -234,13 +234,4 @@ fn coral_snapshot_record(volume: &std::path::Path) -> std::path::PathBuf {
     let mut name = volume.file_name().unwrap_or_default().to_os_string();
     name.push(".snapshot.json");
     volume.with_file_name(name)
-}
-
-/// Unmounts the node's volume at the end, whatever happens.
-struct UnmountOnDrop(std::path::PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
