@@ -75,14 +75,26 @@ impl std::fmt::Debug for AuthEntry {
     }
 }
 
-/// Credentials for every registry a build talks to.
-#[derive(Debug, Default)]
+/// Credentials for every registry a build talks to. (Its Debug output
+/// names registries, never secrets.)
+#[derive(Default)]
 pub struct Credentials {
     config: DockerConfig,
     /// More hosts to treat as ECR registries (e.g. behind a custom name).
     ecr_hosts: Vec<String>,
     /// ECR tokens already fetched (valid for 12 hours: longer than a build).
     ecr_tokens: tokio::sync::Mutex<BTreeMap<String, (String, String)>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("auths", &self.config.auths.keys().collect::<Vec<_>>())
+            .field("cred_helpers", &self.config.cred_helpers)
+            .field("creds_store", &self.config.creds_store)
+            .field("ecr_hosts", &self.ecr_hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The account and region of an ECR registry host
@@ -247,7 +259,15 @@ impl Credentials {
             registry: registry.to_string(),
             reason,
         };
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(30))
+                    .operation_timeout(Duration::from_secs(90))
+                    .build(),
+            );
         if let Some(r) = region {
             loader = loader.region(aws_config::Region::new(r));
         }

@@ -443,6 +443,8 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         };
         let root = layout.root().to_path_buf();
         let output = args.output.clone();
+        // A record of an earlier image there would name the wrong bytes.
+        coral_snapshot::file::remove_record(&output)?;
         let info =
             tokio::task::spawn_blocking(move || fsimage::make_image(&root, &output, &fs_opts))
                 .await??;

@@ -100,19 +100,27 @@ pub async fn create(
 
 /// Polls DescribeSnapshots until `id` is `completed`; its `error` state is
 /// an error.
+/// A snapshot EC2 does not show yet (new ones take a moment), or an error
+/// that outlasted the SDK's retries, counts as pending: the caller's
+/// deadline bounds the wait.
 pub async fn wait_completed(ec2: &aws_sdk_ec2::Client, id: &str, every: Duration) -> Result<()> {
+    let every = every.max(Duration::from_millis(100));
     let mut polls = 0u32;
     loop {
-        let out = ec2
-            .describe_snapshots()
-            .snapshot_ids(id)
-            .send()
-            .await
-            .map_err(|e| anyhow!("DescribeSnapshots {id}: {}", DisplayErrorContext(&e)))?;
-        let snap = out
-            .snapshots()
-            .first()
-            .with_context(|| format!("DescribeSnapshots does not know {id}"))?;
+        let out = match ec2.describe_snapshots().snapshot_ids(id).send().await {
+            Ok(out) => out,
+            Err(e) => {
+                polls += 1;
+                tracing::info!(snapshot = id, error = %DisplayErrorContext(&e), "DescribeSnapshots failed; polling on");
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        let Some(snap) = out.snapshots().first() else {
+            polls += 1;
+            tokio::time::sleep(every).await;
+            continue;
+        };
         match snap.state() {
             Some(SnapshotState::Completed) => {
                 tracing::info!(snapshot = id, polls, "snapshot completed");
@@ -142,12 +150,20 @@ pub async fn wait_completed(ec2: &aws_sdk_ec2::Client, id: &str, every: Duration
 /// After a failure: deletes the snapshot so that nothing half-made looks
 /// usable, and returns the error saying what became of it.
 pub async fn discard(ec2: &aws_sdk_ec2::Client, id: &str, error: anyhow::Error) -> anyhow::Error {
-    match ec2.delete_snapshot().snapshot_id(id).send().await {
-        Ok(_) => error.context(format!("snapshot {id} was not made; it has been deleted")),
-        Err(e) => error.context(format!(
+    let delete = ec2.delete_snapshot().snapshot_id(id).send();
+    match tokio::time::timeout(Duration::from_secs(60), delete).await {
+        // (A snapshot still in progress goes once it has stopped.)
+        Ok(Ok(_)) => error.context(format!(
+            "snapshot {id} was not made; its deletion has been requested"
+        )),
+        Ok(Err(e)) => error.context(format!(
             "snapshot {id} was not made, and deleting it failed too ({}): delete it by hand \
              (it is incomplete and must not be used)",
             DisplayErrorContext(&e)
+        )),
+        Err(_) => error.context(format!(
+            "snapshot {id} was not made, and deleting it did not answer within 60 s: delete \
+             it by hand (it is incomplete and must not be used)"
         )),
     }
 }

@@ -7,8 +7,10 @@
 //!    once, each with its SHA-256 (base64). Holes (SEEK_DATA/SEEK_HOLE) are
 //!    never read and all-zero blocks are not sent, except where that would
 //!    be wrong: a block the parent snapshot has data in (it must read as
-//!    zeros now), and zero blocks inside the image's data on an encrypted
-//!    snapshot. Memory stays at `workers` blocks.
+//!    zeros now), up to the end of the new volume. (Unwritten blocks of a
+//!    snapshot read as zeros, encrypted or not: AWS documents no exception.)
+//!    A block refused because the new snapshot is not visible yet is
+//!    retried within the deadline. Memory stays at `workers` blocks.
 //! 3. CompleteSnapshot with the number of blocks sent and the linear
 //!    aggregate checksum (SHA-256 of the block digests in index order).
 //! 4. Wait, polling EC2 DescribeSnapshots, until the snapshot is
@@ -34,7 +36,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use crate::blocks::{self, EBS_BLOCK_SIZE};
-use crate::{Kind, Options, Record, SeedInfo};
+use crate::{Kind, Options, Record, SeedInfo, TAG_CLIENT_TOKEN};
 
 /// The indexes of the blocks a snapshot holds (ListSnapshotBlocks).
 pub async fn list_blocks(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> Result<BTreeSet<u64>> {
@@ -85,18 +87,20 @@ pub async fn upload(
     let size = blocks::image_size(image).with_context(|| format!("{}", image.display()))?;
     let mut record = Record::new(Kind::EbsDirect, String::new(), image, size, seed, o);
 
+    if o.parent.is_some() && o.kms_key.is_some() {
+        bail!(
+            "--parent-snapshot and --kms-key cannot go together: EBS refuses a StartSnapshot \
+             with both (a child snapshot is encrypted as its parent is)"
+        );
+    }
     // A block that is zero now but has data in the parent must be sent.
     let parent_blocks = match &o.parent {
         Some(p) => list_blocks(&ebs, p).await?,
         None => BTreeSet::new(),
     };
-    let tags: Vec<Tag> = record
-        .tags
-        .iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect();
-    // Unique per attempt of this command, so the SDK's own retries of
-    // StartSnapshot cannot start two snapshots.
+    // Unique per run of this command, so the SDK's own retries of
+    // StartSnapshot cannot start two snapshots; also a tag, to find a
+    // snapshot whose StartSnapshot answer was lost.
     let client_token = hex::encode(
         &blocks::sha256(
             format!(
@@ -107,6 +111,17 @@ pub async fn upload(
             )
             .as_bytes(),
         )[..16],
+    );
+    let mut tags: Vec<Tag> = record
+        .tags
+        .iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect();
+    tags.push(
+        Tag::builder()
+            .key(TAG_CLIENT_TOKEN)
+            .value(&client_token)
+            .build(),
     );
     let minutes = (o.deadline.as_secs().div_ceil(60)).clamp(10, 4320) as i32;
     let started = ebs
@@ -122,10 +137,16 @@ pub async fn upload(
         .set_encrypted(o.kms_key.as_ref().map(|_| true))
         .set_kms_key_arn(o.kms_key.clone())
         .timeout(minutes)
-        .client_token(client_token)
+        .client_token(&client_token)
         .send()
-        .await
-        .map_err(|e| anyhow!("StartSnapshot: {}", DisplayErrorContext(&e)))?;
+        .await;
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let error = anyhow!("StartSnapshot: {}", DisplayErrorContext(&e));
+            return Err(discard_by_token(&ec2, &client_token, error).await);
+        }
+    };
     let id = started
         .snapshot_id()
         .context("StartSnapshot returned no snapshot ID")?
@@ -142,7 +163,16 @@ pub async fn upload(
     tracing::info!(snapshot = %id, block_size, "snapshot started");
 
     let work = async {
-        let sent = send_blocks(&ebs, image, &id, size, block_size, &parent_blocks, o).await?;
+        let volume_blocks = record.volume_size_gib * crate::blocks::GIB / block_size;
+        let sent = send_blocks(
+            &ebs,
+            image,
+            &id,
+            (size, block_size, volume_blocks),
+            &parent_blocks,
+            o,
+        )
+        .await?;
         complete(&ebs, &id, &sent).await?;
         crate::ebs::wait_completed(&ec2, &id, o.poll_interval).await?;
         anyhow::Ok(sent)
@@ -169,8 +199,7 @@ async fn send_blocks(
     ebs: &aws_sdk_ebs::Client,
     image: &Path,
     id: &str,
-    size: u64,
-    block_size: u64,
+    (size, block_size, volume_blocks): (u64, u64, u64),
     parent_blocks: &BTreeSet<u64>,
     o: &Options,
 ) -> Result<Sent> {
@@ -186,14 +215,15 @@ async fn send_blocks(
     let holes_with_parent_data: BTreeSet<u64> = parent_blocks
         .iter()
         .copied()
-        .filter(|b| *b < total && !candidates.contains(b))
+        // Up to the new volume's end, not the image's: the parent's data
+        // past the image must read as zeros too.
+        .filter(|b| *b < volume_blocks && !candidates.contains(b))
         .collect();
     candidates.extend(holes_with_parent_data.iter().copied());
     let mut sent = Sent {
         skipped: total - candidates.len() as u64,
         ..Sent::default()
     };
-    let encrypted = o.kms_key.is_some();
     let limit = Arc::new(tokio::sync::Semaphore::new(o.workers.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for index in candidates {
@@ -211,26 +241,43 @@ async fn send_blocks(
                 blocks::read_block(&f, size, block_size, index)
             })
             .await??;
-            if blocks::is_zero(&data) && !parent_has && !encrypted {
+            if blocks::is_zero(&data) && !parent_has {
                 return anyhow::Ok(None);
             }
             let digest = blocks::sha256(&data);
             let len = data.len();
-            ebs.put_snapshot_block()
-                .snapshot_id(&id)
-                .block_index(index as i32)
-                .block_data(ByteStream::from(data))
-                .data_length(len as i32)
-                .checksum(B64.encode(digest))
-                .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow!(
+            let data = bytes::Bytes::from(data);
+            let index32 = i32::try_from(index).context("block index beyond EBS's range")?;
+            // A new snapshot can be refused as not found for a while; the
+            // SDK does not retry that, so this does (the deadline bounds it).
+            let mut not_found = 0u64;
+            loop {
+                let put = ebs
+                    .put_snapshot_block()
+                    .snapshot_id(&id)
+                    .block_index(index32)
+                    .block_data(ByteStream::from(data.clone()))
+                    .data_length(len as i32)
+                    .checksum(B64.encode(digest))
+                    .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+                    .send()
+                    .await;
+                match put {
+                    Ok(_) => break,
+                    Err(e)
+                        if not_found < 12
+                            && e.as_service_error()
+                                .is_some_and(|s| s.is_resource_not_found_exception()) =>
+                    {
+                        not_found += 1;
+                        tokio::time::sleep(std::time::Duration::from_secs(2 * not_found)).await;
+                    }
+                    Err(e) => bail!(
                         "PutSnapshotBlock {index} of {id}: {}",
                         DisplayErrorContext(&e)
-                    )
-                })?;
+                    ),
+                }
+            }
             Ok(Some((index, digest, len as u64)))
         });
     }
@@ -249,6 +296,34 @@ fn record_block(sent: &mut Sent, done: Result<BlockOutcome, tokio::task::JoinErr
         None => sent.skipped += 1,
     }
     Ok(())
+}
+
+/// StartSnapshot failed, but may have started one whose answer was lost:
+/// finds it by its client-token tag and deletes it.
+async fn discard_by_token(
+    ec2: &aws_sdk_ec2::Client,
+    token: &str,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let filter = aws_sdk_ec2::types::Filter::builder()
+        .name(format!("tag:{TAG_CLIENT_TOKEN}"))
+        .values(token)
+        .build();
+    let found = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(filter)
+        .send();
+    match tokio::time::timeout(std::time::Duration::from_secs(60), found).await {
+        Ok(Ok(out)) => match out.snapshots().first().and_then(|s| s.snapshot_id()) {
+            Some(id) => crate::ebs::discard(ec2, id, error).await,
+            None => error,
+        },
+        _ => error.context(format!(
+            "whether a snapshot tagged {TAG_CLIENT_TOKEN}={token} was started could not be \
+             checked: look for it and delete it"
+        )),
+    }
 }
 
 async fn complete(ebs: &aws_sdk_ebs::Client, id: &str, sent: &Sent) -> Result<()> {

@@ -37,6 +37,16 @@ pub fn write_record(image: &Path, record: &Record) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Removes the record of `image`, if any (the image is about to change).
+pub fn remove_record(image: &Path) -> Result<()> {
+    let path = record_path(image);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the stale {}", path.display())),
+    }
+}
+
 pub fn read_record(image: &Path) -> Result<Record> {
     let path = record_path(image);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -29,6 +29,9 @@ use serde::Serialize;
 pub const TAG_MANIFEST_DIGEST: &str = "coral/manifest-digest";
 pub const TAG_SEED_KEY: &str = "coral/seed-key";
 pub const TAG_BUILD_ID: &str = "coral/build-id";
+/// ebs-direct: the StartSnapshot client token, to find a snapshot whose
+/// start was answered but the answer lost.
+pub const TAG_CLIENT_TOKEN: &str = "coral/client-token";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -219,13 +222,13 @@ pub async fn snapshot(image: &Path, seed: &SeedInfo, o: &Options) -> Result<Reco
     let started = std::time::Instant::now();
     let mut record = match o.kind {
         Kind::File => {
+            // An earlier record is for an earlier image: gone before hashing.
+            file::remove_record(image)?;
             let path = image.to_path_buf();
             let (hex, size) = tokio::task::spawn_blocking(move || blocks::sha256_of_image(&path))
                 .await?
                 .with_context(|| format!("hashing {}", image.display()))?;
-            let record = Record::new(Kind::File, format!("sha256:{hex}"), image, size, seed, o);
-            file::write_record(image, &record)?;
-            record
+            Record::new(Kind::File, format!("sha256:{hex}"), image, size, seed, o)
         }
         Kind::EbsDirect => {
             let config = aws_config(o).await;

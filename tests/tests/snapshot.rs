@@ -125,6 +125,19 @@ async fn a_file_snapshot_names_the_image_by_its_sha256() -> Result<()> {
     let again: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(again["id"] == want.as_str(), "{again:#}");
     ensure!(again["seedKey"] == report["seedKey"], "{again:#}");
+    // Rebuilt in place without a file snapshot: the old record, which
+    // would name the old bytes, is gone.
+    build(
+        &reg,
+        &["layered"],
+        &["linux/amd64"],
+        &image,
+        &["--snapshot", "none"],
+    )?;
+    ensure!(
+        !work.path().join("seed.img.snapshot.json").exists(),
+        "a stale snapshot record survived the rebuild"
+    );
     Ok(())
 }
 
@@ -293,7 +306,26 @@ async fn an_upload_that_keeps_failing_ends_in_time_and_leaves_no_snapshot() -> R
         "took {elapsed:?}: {stderr}"
     );
     ensure!(
-        stderr.contains("PutSnapshotBlock") && stderr.contains("has been deleted"),
+        stderr.contains("PutSnapshotBlock") && stderr.contains("deletion has been requested"),
+        "{stderr}"
+    );
+    // A parent and a KMS key together: EBS would refuse; so does coral, first.
+    let o = builder_with_aws(
+        &moto.endpoint(),
+        &[
+            "snapshot",
+            image.to_str().context("utf-8")?,
+            "--snapshot",
+            "ebs-direct",
+            "--parent-snapshot",
+            "snap-0123456789abcdef0",
+            "--kms-key",
+            "arn:aws:kms:us-east-1:123456789012:key/coral",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && stderr.contains("cannot go together"),
         "{stderr}"
     );
     // Nothing that looks complete is left.
