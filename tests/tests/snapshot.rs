@@ -24,8 +24,14 @@ const BLOCK: u64 = 512 * 1024;
 
 /// `coral-builder ARGS` with the AWS configuration chain pointed at `endpoint`.
 fn builder_with_aws(endpoint: &str, args: &[&str]) -> Result<Output> {
+    builder_with_aws_log(endpoint, args, "warn")
+}
+
+/// The same, with `CORAL_LOG` set to `log`.
+fn builder_with_aws_log(endpoint: &str, args: &[&str], log: &str) -> Result<Output> {
     Ok(Command::new(workspace_bin("coral-builder")?)
         .args(args)
+        .env("CORAL_LOG", log)
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_ACCESS_KEY_ID", "coral-test")
         .env("AWS_SECRET_ACCESS_KEY", "coral-test-secret")
@@ -391,16 +397,20 @@ async fn an_ecr_registry_is_pulled_with_a_token_from_the_ecr_api() -> Result<()>
         !stderr.contains("auth-token"),
         "a secret reached the error: {stderr}"
     );
-    let yes = builder_with_aws(
+    // With every log on: neither the token nor the AWS secret key shows.
+    let yes = builder_with_aws_log(
         &moto.endpoint(),
         &args(true).iter().map(String::as_str).collect::<Vec<_>>(),
+        "trace",
     )?;
     let stderr = String::from_utf8_lossy(&yes.stderr);
     ensure!(yes.status.success(), "with the ECR token: {stderr}");
-    ensure!(
-        !stderr.contains("auth-token"),
-        "a secret reached the log: {stderr}"
-    );
+    for secret in ["auth-token", "coral-test-secret"] {
+        ensure!(
+            !stderr.contains(secret) && !String::from_utf8_lossy(&yes.stdout).contains(secret),
+            "{secret} reached the output at CORAL_LOG=trace"
+        );
+    }
     ensure!(image.exists(), "no volume written");
     Ok(())
 }
