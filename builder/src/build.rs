@@ -44,6 +44,40 @@ pub struct StageOptions {
     /// Time recorded as the manifest's creation time; `None`: the newest
     /// image config's `created` (so the same inputs give the same bytes).
     pub source_date_epoch: Option<i64>,
+    /// A previous volume this one is built on: what it already holds is
+    /// neither pulled nor extracted again.
+    pub reuse: Option<Reuse>,
+}
+
+/// What a previous volume (mounted) holds that a build can keep: its blobs,
+/// and its layer trees as its seed manifest describes them.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub layout: SeedLayout,
+    /// chain → (file bytes, tree digest), for layers with a recorded tree digest.
+    pub chains: BTreeMap<ChainId, (u64, Digest)>,
+}
+
+impl Reuse {
+    pub fn new(root: &Path, manifest: &SeedManifest) -> Reuse {
+        let layout = SeedLayout::new(root.to_path_buf());
+        let mut chains = BTreeMap::new();
+        for l in manifest.images.iter().flat_map(|i| i.layers.iter()) {
+            if let Some(tree) = &l.tree_digest
+                && layout.layer(&l.chain_id).is_dir()
+            {
+                chains.insert(l.chain_id.clone(), (l.unpacked_size, tree.clone()));
+            }
+        }
+        Reuse { layout, chains }
+    }
+
+    fn blob(&self, d: &Digest, size: u64) -> Option<PathBuf> {
+        let p = self.layout.blob(d);
+        std::fs::metadata(&p)
+            .is_ok_and(|m| m.is_file() && m.len() == size)
+            .then_some(p)
+    }
 }
 
 /// Times of each phase, for the report.
@@ -68,8 +102,11 @@ pub struct StageResult {
     /// Blob bytes fetched from registries by this run (0 when all was kept
     /// from an interrupted run).
     pub bytes_pulled: u64,
-    /// Blob bytes reused from an earlier, interrupted run.
+    /// Blob bytes reused from an earlier, interrupted run, or kept from
+    /// the volume built on.
     pub bytes_reused: u64,
+    /// Layers kept from the volume built on (not extracted again).
+    pub layers_reused: u64,
     pub phases: Phases,
 }
 
@@ -81,7 +118,11 @@ fn flatten(e: Arc<anyhow::Error>) -> anyhow::Error {
 
 /// Removes everything under `.coral/` that is not final, and every final
 /// blob or layer not in `keep_*` (left from another seed set).
-fn prune(layout: &SeedLayout, blobs: &BTreeSet<Digest>, chains: &BTreeSet<ChainId>) -> Result<()> {
+pub(crate) fn prune(
+    layout: &SeedLayout,
+    blobs: &BTreeSet<Digest>,
+    chains: &BTreeSet<ChainId>,
+) -> Result<()> {
     for d in [
         layout.dir(),
         layout.layers_dir(),
@@ -159,7 +200,7 @@ pub fn remove_trash(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("coral-tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)
@@ -274,10 +315,21 @@ pub async fn stage(
     let bytes_pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut bytes_reused = 0u64;
     let mut blob_ready: HashMap<Digest, SharedResult> = HashMap::new();
+    // Where each layer blob is read from to extract it: the work directory,
+    // or the volume built on.
+    let mut blob_path: HashMap<Digest, PathBuf> = HashMap::new();
     for (digest, (layer, from, users)) in &layer_blobs {
         let dest = layout.blob(digest);
+        let in_base = opts.reuse.as_ref().and_then(|r| r.blob(digest, layer.size));
         let fut: BoxFuture<'static, Result<(), Arc<anyhow::Error>>> = match std::fs::metadata(&dest)
         {
+            _ if in_base.is_some() && !dest.exists() => {
+                // The volume built on has it (verified when it was built).
+                bytes_reused += layer.size;
+                progress.bytes(users, layer.size as i64);
+                blob_path.insert(digest.clone(), in_base.expect("checked"));
+                async { Ok(()) }.boxed()
+            }
             Ok(m) if m.len() == layer.size => {
                 // Final names are only ever given to verified blobs.
                 bytes_reused += layer.size;
@@ -340,6 +392,23 @@ pub async fn stage(
             visit(c, &chains, &mut seen, &mut order);
         }
     }
+    // Layers kept from the volume built on: those it has that this work
+    // directory does not.
+    let from_base: BTreeMap<ChainId, (u64, Digest)> = match &opts.reuse {
+        Some(r) => r
+            .chains
+            .iter()
+            .filter(|(c, _)| chains.contains_key(*c) && !layout.layer(c).exists())
+            .map(|(c, v)| (c.clone(), v.clone()))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let layer_dir = |c: &ChainId| -> PathBuf {
+        match (&opts.reuse, from_base.contains_key(c)) {
+            (Some(r), true) => r.layout.layer(c),
+            _ => layout.layer(c),
+        }
+    };
     for chain in &order {
         let (layer, parent, label) = chains[chain].clone();
         let final_dir = layout.layer(chain);
@@ -348,11 +417,19 @@ pub async fn stage(
         let mut ancestors = Vec::new();
         let mut cur = parent.clone();
         while let Some(c) = cur {
-            ancestors.push(layout.layer(&c));
+            ancestors.push(layer_dir(&c));
             cur = chains[&c].1.clone();
         }
         let sizes = unpacked_sizes.clone();
-        let fut: BoxFuture<'static, Result<(), Arc<anyhow::Error>>> = if final_dir.exists() {
+        let fut: BoxFuture<'static, Result<(), Arc<anyhow::Error>>> = if let Some(kept) =
+            from_base.get(chain)
+        {
+            sizes
+                .lock()
+                .expect("not poisoned")
+                .insert(chain.clone(), kept.clone());
+            async { Ok(()) }.boxed()
+        } else if final_dir.exists() {
             let chain = chain.clone();
             async move {
                 // Kept from an interrupted run: describe it as it is.
@@ -371,7 +448,10 @@ pub async fn stage(
             }
             .boxed()
         } else {
-            let blob = layout.blob(&layer.digest);
+            let blob = blob_path
+                .get(&layer.digest)
+                .cloned()
+                .unwrap_or_else(|| layout.blob(&layer.digest));
             let blob_ready = blob_ready[&layer.digest].clone();
             let work = layout.tmp_dir().join("layers").join(chain.hex());
             let slots = extract_slots.clone();
@@ -583,6 +663,7 @@ pub async fn stage(
         manifest,
         bytes_pulled: bytes_pulled.load(std::sync::atomic::Ordering::Relaxed),
         bytes_reused,
+        layers_reused: from_base.len() as u64,
         phases,
     })
 }
@@ -598,7 +679,7 @@ fn platform_json(p: &Platform) -> serde_json::Value {
 /// Gives everything coral wrote itself (not the layer trees' contents) fixed
 /// owners, modes and times, so the filesystem image does not depend on when,
 /// in what order or under what umask the volume was staged.
-fn normalise_metadata(layout: &SeedLayout, epoch: i64) -> Result<()> {
+pub(crate) fn normalise_metadata(layout: &SeedLayout, epoch: i64) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let ts = rustix::fs::Timespec {
         tv_sec: epoch,

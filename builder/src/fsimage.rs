@@ -429,6 +429,18 @@ const CP: Tool = Tool {
     name: "cp",
     package: "coreutils",
 };
+const RESIZE2FS: Tool = Tool {
+    name: "resize2fs",
+    package: "e2fsprogs",
+};
+const XFS_REPAIR: Tool = Tool {
+    name: "xfs_repair",
+    package: "xfsprogs",
+};
+const XFS_GROWFS: Tool = Tool {
+    name: "xfs_growfs",
+    package: "xfsprogs",
+};
 
 /// The tool's path: from PATH, else the sbin directories a non-login root
 /// shell (or a container's PATH) may lack.
@@ -1397,13 +1409,10 @@ impl Drop for MountGuard {
     }
 }
 
-/// Mounts an image file (or block device) read-only, without replaying a
-/// journal or log and with `nodev,nosuid,noexec`, on a private temporary
-/// directory, for inspection. Only ext4 and xfs are mounted: an image may
-/// come from elsewhere, and the kernel's other filesystem drivers are not
-/// meant for untrusted input.
-pub fn mount_image_readonly(image: &Path) -> Result<MountGuard, FsImageError> {
-    require_root()?;
+/// The filesystem an image file (or block device) holds: ext4 or xfs, the
+/// only ones coral mounts (an image may come from elsewhere, and the
+/// kernel's other filesystem drivers are not meant for untrusted input).
+pub fn detect_fs(image: &Path) -> Result<FsKind, FsImageError> {
     let blkid = find_tool(&BLKID)?;
     let out = command(&blkid)
         .args(["-p", "-o", "value", "-s", "TYPE"])
@@ -1411,23 +1420,120 @@ pub fn mount_image_readonly(image: &Path) -> Result<MountGuard, FsImageError> {
         .output()
         .map_err(io_err("running blkid on", image))?;
     let found = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let fs = match found.as_str() {
-        "ext4" => FsKind::Ext4,
-        "xfs" => FsKind::Xfs,
-        "" => {
-            return Err(FsImageError::Invalid(format!(
-                "{} holds no filesystem blkid recognises",
-                image.display()
-            )));
-        }
-        other => {
-            return Err(FsImageError::Invalid(format!(
-                "{} holds a {other} filesystem; coral images are ext4 or xfs",
-                image.display()
-            )));
-        }
-    };
+    match found.as_str() {
+        "ext4" => Ok(FsKind::Ext4),
+        "xfs" => Ok(FsKind::Xfs),
+        "" => Err(FsImageError::Invalid(format!(
+            "{} holds no filesystem blkid recognises",
+            image.display()
+        ))),
+        other => Err(FsImageError::Invalid(format!(
+            "{} holds a {other} filesystem; coral images are ext4 or xfs",
+            image.display()
+        ))),
+    }
+}
+
+/// Mounts an image file (or block device) read-only, without replaying a
+/// journal or log and with `nodev,nosuid,noexec`, on a private temporary
+/// directory, for inspection.
+pub fn mount_image_readonly(image: &Path) -> Result<MountGuard, FsImageError> {
+    require_root()?;
+    let fs = detect_fs(image)?;
     mount(image, fs, false)
+}
+
+/// Mounts an image file read-write (`nodev,nosuid,noexec`) on a private
+/// temporary directory: for building a new volume on a copy of an old one.
+pub fn mount_image_writable(image: &Path) -> Result<MountGuard, FsImageError> {
+    require_root()?;
+    let fs = detect_fs(image)?;
+    mount(image, fs, true)
+}
+
+/// Copies the image `from` to `to` (a new file) keeping its holes, by
+/// reflink where the filesystem shares blocks; then, when `size` is larger
+/// than the image, grows the file and its filesystem to `size`.
+pub fn copy_image(from: &Path, to: &Path, size: Option<u64>) -> Result<FsKind, FsImageError> {
+    require_root()?;
+    let fs = detect_fs(from)?;
+    let cp = find_tool(&CP)?;
+    run(
+        command(&cp)
+            .args(["--reflink=auto", "--sparse=always", "--"])
+            .arg(from)
+            .arg(to),
+        CP.name,
+        &format!("copying {} to build on it", from.display()),
+    )?;
+    let current = fs::metadata(to).map_err(io_err("examining", to))?.len();
+    match size.map(|s| s / BLOCK * BLOCK) {
+        Some(s) if s < current => {
+            return Err(FsImageError::Invalid(format!(
+                "--size {s} is smaller than the {current} bytes of the image built on; \
+                 a volume built on another can only grow"
+            )));
+        }
+        Some(s) if s > current => {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(to)
+                .and_then(|f| f.set_len(s))
+                .map_err(io_err("growing", to))?;
+            match fs {
+                FsKind::Ext4 => {
+                    let e2fsck = find_tool(&E2FSCK)?;
+                    // resize2fs wants a freshly checked filesystem.
+                    run(
+                        command(&e2fsck).args(["-f", "-p"]).arg(to),
+                        E2FSCK.name,
+                        "checking the image before growing it",
+                    )?;
+                    run(
+                        command(&find_tool(&RESIZE2FS)?).arg(to),
+                        RESIZE2FS.name,
+                        &format!("growing the filesystem of {} to {s} bytes", to.display()),
+                    )?;
+                }
+                FsKind::Xfs => {
+                    let m = mount(to, fs, true)?;
+                    run(
+                        command(&find_tool(&XFS_GROWFS)?).arg(m.path()),
+                        XFS_GROWFS.name,
+                        &format!("growing the filesystem of {} to {s} bytes", to.display()),
+                    )?;
+                    m.unmount()?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(fs)
+}
+
+/// Checks a filesystem the kernel wrote (ext4: `e2fsck -f -y`, which also
+/// replays nothing after a clean unmount); a filesystem with errors fails.
+pub fn check_image(image: &Path, fs: FsKind) -> Result<(), FsImageError> {
+    match fs {
+        FsKind::Ext4 => {
+            run(
+                command(&find_tool(&E2FSCK)?)
+                    .env("E2FSCK_CONFIG", "/dev/null")
+                    .args(["-f", "-n"])
+                    .arg(image),
+                E2FSCK.name,
+                &format!("checking {}", image.display()),
+            )?;
+        }
+        FsKind::Xfs => {
+            run(
+                command(&find_tool(&XFS_REPAIR)?).arg("-n").arg(image),
+                XFS_REPAIR.name,
+                &format!("checking {}", image.display()),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn mount(source: &Path, fs: FsKind, writable: bool) -> Result<MountGuard, FsImageError> {

@@ -5,6 +5,7 @@
 //! calls into it.
 
 pub mod auth;
+pub mod base;
 pub mod build;
 pub mod fsimage;
 pub mod progress;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use coral_builder::auth::Credentials;
+use coral_builder::base::BaseVolume;
 use coral_builder::build::{StageOptions, default_work_dir, stage};
 use coral_builder::fsimage::{self, FsKind, FsOptions};
 use coral_builder::progress::{Mode, Progress};
@@ -88,6 +89,13 @@ struct SnapshotArgs {
     /// ebs: the volume to snapshot (default: the output device's NVMe serial).
     #[arg(long, value_name = "vol-ID")]
     volume_id: Option<String>,
+    /// The image the parent snapshot was made from. `build` builds the new
+    /// volume on a copy of it (unchanged layers keep their blocks);
+    /// ebs-direct sends only blocks that differ from the parent's, by the
+    /// block map recorded beside it, and takes the parent snapshot from its
+    /// record when --parent-snapshot is not given.
+    #[arg(long, value_name = "PATH")]
+    parent_image: Option<PathBuf>,
 }
 
 impl SnapshotArgs {
@@ -107,6 +115,7 @@ impl SnapshotArgs {
             deadline: parse_duration(&self.snapshot_deadline).context("--snapshot-deadline")?,
             poll_interval: parse_duration(&self.snapshot_poll).context("--snapshot-poll")?,
             volume_id: self.volume_id.clone(),
+            parent_image: self.parent_image.clone(),
         }))
     }
 }
@@ -431,9 +440,24 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
             .ok()
             .and_then(|s| s.parse().ok()),
+        reuse: None,
     };
 
+    let parent_image = args.snapshot.parent_image.clone();
     let work = async {
+        let mut opts = opts;
+        // Built on a previous volume: a mounted copy of it.
+        let base = match &parent_image {
+            Some(parent) => {
+                let (parent, output) = (parent.clone(), args.output.clone());
+                let base =
+                    tokio::task::spawn_blocking(move || BaseVolume::open(&parent, &output, size))
+                        .await??;
+                opts.reuse = Some(base.reuse());
+                Some(base)
+            }
+            None => None,
+        };
         let mut staged = stage(client, &layout, &opts, progress.clone()).await?;
         let t = Instant::now();
         let epoch = coral_seed::time::parse_rfc3339(&staged.manifest.created).unwrap_or(0);
@@ -448,12 +472,35 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         let output = args.output.clone();
         // A record of an earlier image there would name the wrong bytes.
         coral_snapshot::file::remove_record(&output)?;
-        let info =
-            tokio::task::spawn_blocking(move || fsimage::make_image(&root, &output, &fs_opts))
+        let written = match base {
+            None => {
+                let info = tokio::task::spawn_blocking(move || {
+                    fsimage::make_image(&root, &output, &fs_opts)
+                })
                 .await??;
+                Written {
+                    fs: info.fs,
+                    size: info.size,
+                    block_device: info.block_device,
+                    built_on: None,
+                }
+            }
+            Some(base) => {
+                let (layout, manifest) = (layout.clone(), staged.manifest.clone());
+                let merged =
+                    tokio::task::spawn_blocking(move || base.merge(&layout, &manifest, epoch))
+                        .await??;
+                Written {
+                    fs: fsimage::detect_fs(&args.output)?,
+                    size: std::fs::metadata(&args.output)?.len(),
+                    block_device: false,
+                    built_on: Some(merged),
+                }
+            }
+        };
         staged.phases.filesystem_seconds =
             Some((t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0);
-        anyhow::Ok((staged, info))
+        anyhow::Ok((staged, written))
     };
     let (staged, info) = match deadline {
         Some(d) => tokio::time::timeout(d, work).await.map_err(|_| {
@@ -508,6 +555,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
             "size": i.size,
         })).collect::<Vec<_>>(),
         "totals": staged.manifest.totals,
+        "builtOn": info.built_on,
         "bytesPulled": staged.bytes_pulled,
         "bytesReused": staged.bytes_reused,
         "phases": staged.phases,
@@ -547,6 +595,15 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
             .with_context(|| format!("removing the work directory {}", work_dir.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The filesystem a build wrote, for the report.
+struct Written {
+    fs: FsKind,
+    size: u64,
+    block_device: bool,
+    /// Built on a previous volume (`--parent-image`): what was kept and added.
+    built_on: Option<coral_builder::base::MergeStats>,
 }
 
 fn humanize(d: Duration) -> String {

@@ -16,7 +16,7 @@
 //! `--mode copy` does the same from a volume mounted elsewhere (read-only
 //! is enough): each blob containerd lacks is streamed through a content
 //! Write (containerd checks its digest), and each layer tree is copied
-//! exactly ([`crate::copytree`]) into a staging directory in the
+//! exactly ([`coral_seed::copytree`]) into a staging directory in the
 //! snapshotter's root, several at once, then moved into its snapshot as
 //! above.
 //!
@@ -843,7 +843,7 @@ async fn copy_layers(
                     std::fs::remove_dir_all(&partial)
                         .with_context(|| format!("removing {}", partial.display()))?;
                 }
-                let stats = crate::copytree::copy_tree(&src, &partial)
+                let stats = coral_seed::copytree::copy_tree(&src, &partial)
                     .with_context(|| format!("copying layer {chain}"))?;
                 // On disk before it gets the name a rerun trusts.
                 let dir = std::fs::File::open(&partial)?;

@@ -4,14 +4,12 @@
 //! - [`mount`]: find the seed volume's device, mount it, grow it, check it;
 //! - [`adopt`]: register a volume that is containerd's root, moving bytes,
 //!   never copying them, or (`--mode copy`) from a volume mounted elsewhere;
-//! - [`copytree`]: an exact tree copy (copy mode, carrying over a root);
 //! - [`fallback`]: pull what is missing through CRI, with backoff and the
 //!   kubelet's credential sources;
 //! - [`prewarm`]: read the seeded files' blocks once, for EBS lazy loading;
 //! - [`status`]: the status file and exit codes.
 
 pub mod adopt;
-pub mod copytree;
 pub mod fallback;
 pub mod mount;
 pub mod prewarm;

@@ -1572,7 +1572,7 @@ fn carry_over(from: &Path, volume: &Path) -> Result<Carried, MountError> {
             };
             removed.map_err(io_err("removing the partial copy", &scratch))?;
         }
-        let stats = match crate::copytree::copy_tree(&from.join(&name), &scratch) {
+        let stats = match coral_seed::copytree::copy_tree(&from.join(&name), &scratch) {
             Ok(stats) => stats,
             Err(err) => {
                 // Not left to fill the volume (a full volume is the usual cause).

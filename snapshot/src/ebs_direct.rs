@@ -9,6 +9,9 @@
 //!    be wrong: a block the parent snapshot has data in (it must read as
 //!    zeros now), up to the end of the new volume. (Unwritten blocks of a
 //!    snapshot read as zeros, encrypted or not: AWS documents no exception.)
+//!    With a parent and the block map recorded for it (`--parent-image`),
+//!    a block whose SHA-256 equals the parent's at the same index is not
+//!    sent either: the child inherits it, so what is sent is what changed.
 //!    A block refused because the new snapshot is not visible yet is
 //!    retried within the deadline. Memory stays at `workers` blocks.
 //! 3. CompleteSnapshot with the number of blocks sent and the linear
@@ -35,6 +38,7 @@ use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use crate::blockmap::BlockMap;
 use crate::blocks::{self, EBS_BLOCK_SIZE};
 use crate::{Kind, Options, Record, SeedInfo, TAG_CLIENT_TOKEN};
 
@@ -64,15 +68,26 @@ pub async fn list_blocks(ebs: &aws_sdk_ebs::Client, snapshot: &str) -> Result<BT
     }
 }
 
-/// One block's upload: its index, digest and length, or None if skipped.
-type BlockOutcome = Result<Option<(u64, [u8; 32], u64)>>;
+/// What became of one block.
+enum Block {
+    /// Sent: index, digest, length, and whether it was all zeros (sent to
+    /// cover parent data).
+    Sent(u64, [u8; 32], u64, bool),
+    /// Not sent: the parent holds the same bytes there.
+    Unchanged(u64, [u8; 32]),
+    /// Not sent: all zeros, and the parent has nothing there.
+    Zero,
+}
 
 /// What was sent.
 #[derive(Default)]
 struct Sent {
     digests: BTreeMap<u64, [u8; 32]>,
     skipped: u64,
+    unchanged: u64,
     bytes: u64,
+    /// The new image's block map (every non-zero block, sent or not).
+    map: BlockMap,
 }
 
 pub async fn upload(
@@ -80,7 +95,8 @@ pub async fn upload(
     image: &Path,
     seed: &SeedInfo,
     o: &Options,
-) -> Result<Record> {
+    base: Option<&BlockMap>,
+) -> Result<(Record, BlockMap)> {
     let deadline = Instant::now() + o.deadline;
     let ebs = aws_sdk_ebs::Client::new(config);
     let ec2 = aws_sdk_ec2::Client::new(config);
@@ -170,6 +186,7 @@ pub async fn upload(
             &id,
             (size, block_size, volume_blocks),
             &parent_blocks,
+            base.filter(|_| o.parent.is_some()),
             o,
         )
         .await?;
@@ -189,7 +206,8 @@ pub async fn upload(
             record.blocks_sent = sent.digests.len() as u64;
             record.blocks_skipped = sent.skipped;
             record.bytes_sent = sent.bytes;
-            Ok(record)
+            record.blocks_unchanged = sent.unchanged;
+            Ok((record, sent.map))
         }
         Err(e) => Err(crate::ebs::discard(&ec2, &id, e).await),
     }
@@ -201,6 +219,7 @@ async fn send_blocks(
     id: &str,
     (size, block_size, volume_blocks): (u64, u64, u64),
     parent_blocks: &BTreeSet<u64>,
+    base: Option<&BlockMap>,
     o: &Options,
 ) -> Result<Sent> {
     let file = Arc::new(File::open(image).with_context(|| format!("{}", image.display()))?);
@@ -222,6 +241,7 @@ async fn send_blocks(
     candidates.extend(holes_with_parent_data.iter().copied());
     let mut sent = Sent {
         skipped: total - candidates.len() as u64,
+        map: BlockMap::new(block_size, size),
         ..Sent::default()
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(o.workers.max(1)));
@@ -234,6 +254,9 @@ async fn send_blocks(
         }
         let (ebs, file, id) = (ebs.clone(), file.clone(), id.to_string());
         let parent_has = parent_blocks.contains(&index);
+        // The parent's bytes here, when the block map recorded for it says.
+        let parent_digest = base.and_then(|m| m.blocks.get(&index)).copied();
+        let parent_known = base.is_some();
         tasks.spawn(async move {
             let _permit = permit;
             let f = file.clone();
@@ -241,10 +264,16 @@ async fn send_blocks(
                 blocks::read_block(&f, size, block_size, index)
             })
             .await??;
-            if blocks::is_zero(&data) && !parent_has {
-                return anyhow::Ok(None);
+            let zero = blocks::is_zero(&data);
+            // Zeros over nothing, or over blocks the parent's map says are
+            // zeros too, need not be sent.
+            if zero && (!parent_has || (parent_known && parent_digest.is_none())) {
+                return anyhow::Ok(Block::Zero);
             }
             let digest = blocks::sha256(&data);
+            if !zero && parent_has && parent_digest == Some(digest) {
+                return Ok(Block::Unchanged(index, digest));
+            }
             let len = data.len();
             let data = bytes::Bytes::from(data);
             let index32 = i32::try_from(index).context("block index beyond EBS's range")?;
@@ -278,7 +307,7 @@ async fn send_blocks(
                     ),
                 }
             }
-            Ok(Some((index, digest, len as u64)))
+            Ok(Block::Sent(index, digest, len as u64, zero))
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -287,13 +316,24 @@ async fn send_blocks(
     Ok(sent)
 }
 
-fn record_block(sent: &mut Sent, done: Result<BlockOutcome, tokio::task::JoinError>) -> Result<()> {
+fn record_block(
+    sent: &mut Sent,
+    done: Result<Result<Block>, tokio::task::JoinError>,
+) -> Result<()> {
     match done.context("a block upload task")?? {
-        Some((index, digest, len)) => {
+        Block::Sent(index, digest, len, zero) => {
             sent.digests.insert(index, digest);
             sent.bytes += len;
+            // A zero block sent over parent data is still zeros: not mapped.
+            if !zero {
+                sent.map.blocks.insert(index, digest);
+            }
         }
-        None => sent.skipped += 1,
+        Block::Unchanged(index, digest) => {
+            sent.unchanged += 1;
+            sent.map.blocks.insert(index, digest);
+        }
+        Block::Zero => sent.skipped += 1,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! (`aws-config`): `AWS_ENDPOINT_URL` points it at a local server in tests.
 //! Nothing here logs credentials.
 
+pub mod blockmap;
 pub mod blocks;
 pub mod ebs;
 pub mod ebs_direct;
@@ -94,6 +95,11 @@ pub struct Options {
     pub poll_interval: Duration,
     /// `ebs`: the volume to snapshot (default: found from the output device).
     pub volume_id: Option<String>,
+    /// The image the parent snapshot was made from: its recorded block map
+    /// (`IMAGE.blocks`) says which blocks the parent holds, so only blocks
+    /// that differ are sent; its record names the parent when `parent` is
+    /// not given.
+    pub parent_image: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -109,6 +115,7 @@ impl Default for Options {
             deadline: Duration::from_secs(3600),
             poll_interval: Duration::from_secs(5),
             volume_id: None,
+            parent_image: None,
         }
     }
 }
@@ -157,6 +164,18 @@ pub struct Record {
     pub blocks_skipped: u64,
     #[serde(default)]
     pub bytes_sent: u64,
+    /// ebs-direct with a parent image: blocks the parent already holds.
+    #[serde(default)]
+    pub blocks_unchanged: u64,
+    /// The image the parent snapshot was made from, when given.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parent_image: Option<PathBuf>,
+    /// The block map file written beside the image (file name) and its
+    /// SHA-256: what a later incremental snapshot compares against.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub block_map: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub block_map_sha256: Option<String>,
     pub created_at: String,
     pub seconds: f64,
 }
@@ -178,6 +197,10 @@ impl Record {
             blocks_sent: 0,
             blocks_skipped: 0,
             bytes_sent: 0,
+            blocks_unchanged: 0,
+            parent_image: o.parent_image.clone(),
+            block_map: None,
+            block_map_sha256: None,
             created_at: coral_seed::time::rfc3339_of(std::time::SystemTime::now()),
             seconds: 0.0,
         }
@@ -211,37 +234,153 @@ pub async fn aws_config(o: &Options) -> aws_config::SdkConfig {
         .await
 }
 
+/// What the parent image says about the parent snapshot: its ID (when its
+/// record is an ebs-direct one) and its block map.
+struct Base {
+    snapshot: Option<String>,
+    map: Option<blockmap::BlockMap>,
+}
+
+/// Reads the parent image's record and block map. A map is used only with
+/// the snapshot it describes: if `--parent-snapshot` names another one, or
+/// the record has no map, every block is compared against zeros instead.
+fn read_base(parent_image: &Path, parent: Option<&str>) -> Result<Base> {
+    let record = match file::read_record(parent_image) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                "{e:#}: {} has no usable snapshot record; no block is assumed unchanged",
+                parent_image.display()
+            );
+            return Ok(Base {
+                snapshot: None,
+                map: None,
+            });
+        }
+    };
+    let recorded = (record.kind == Kind::EbsDirect.to_string()).then(|| record.id.clone());
+    if let (Some(p), Some(r)) = (parent, recorded.as_deref())
+        && p != r
+    {
+        tracing::warn!(
+            parent = p,
+            recorded = r,
+            "--parent-snapshot is not the snapshot recorded for --parent-image; \
+             its block map is not used"
+        );
+        return Ok(Base {
+            snapshot: None,
+            map: None,
+        });
+    }
+    if parent.is_none() && recorded.is_none() {
+        return Ok(Base {
+            snapshot: None,
+            map: None,
+        });
+    }
+    let map = match (&record.block_map, &record.block_map_sha256) {
+        (Some(name), Some(sum)) => {
+            let path = parent_image.with_file_name(name);
+            Some(blockmap::BlockMap::read(&path, sum)?)
+        }
+        _ => {
+            tracing::warn!(
+                "{} was snapshotted without a block map; no block is assumed unchanged",
+                parent_image.display()
+            );
+            None
+        }
+    };
+    if let Some(m) = &map
+        && m.block_size != blocks::EBS_BLOCK_SIZE
+    {
+        bail!(
+            "the block map of {} has {}-byte blocks, not EBS's {}",
+            parent_image.display(),
+            m.block_size,
+            blocks::EBS_BLOCK_SIZE
+        );
+    }
+    Ok(Base {
+        snapshot: recorded,
+        map,
+    })
+}
+
+/// Writes the block map beside `image` and the record naming it.
+fn write_map_and_record(image: &Path, map: &blockmap::BlockMap, record: &mut Record) -> Result<()> {
+    let path = blockmap::map_path(image);
+    let sum = map.write(&path)?;
+    record.block_map = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    record.block_map_sha256 = Some(sum);
+    file::write_record(image, record)
+}
+
 /// Makes the snapshot of `image` (an image file, or for `ebs` the device
-/// written) that `o.kind` says.
+/// written) that `o.kind` says. For an image file, the record and block map
+/// are written beside it (`IMAGE.snapshot.json`, `IMAGE.blocks`).
 pub async fn snapshot(image: &Path, seed: &SeedInfo, o: &Options) -> Result<Record> {
     if o.kind == Kind::File && (o.parent.is_some() || o.kms_key.is_some()) {
         bail!(
             "--parent-snapshot and --kms-key are for EBS snapshots (--snapshot ebs-direct or ebs)"
         );
     }
+    if o.kind == Kind::Ebs && o.parent_image.is_some() {
+        bail!(
+            "--parent-image is for --snapshot ebs-direct (and for building on an earlier image); \
+             CreateSnapshot of a volume is incremental by itself"
+        );
+    }
+    let is_file = std::fs::metadata(image).is_ok_and(|m| m.is_file());
+    // An earlier record is for an earlier image: gone before anything else.
+    if is_file {
+        file::remove_record(image)?;
+    }
     let started = std::time::Instant::now();
-    let mut record = match o.kind {
+    let (mut record, map) = match o.kind {
         Kind::File => {
-            // An earlier record is for an earlier image: gone before hashing.
-            file::remove_record(image)?;
             let path = image.to_path_buf();
-            let (hex, size) = tokio::task::spawn_blocking(move || blocks::sha256_of_image(&path))
-                .await?
-                .with_context(|| format!("hashing {}", image.display()))?;
-            Record::new(Kind::File, format!("sha256:{hex}"), image, size, seed, o)
+            let (hex, map) = tokio::task::spawn_blocking(move || {
+                blockmap::hash_image(&path, blocks::EBS_BLOCK_SIZE)
+            })
+            .await?
+            .with_context(|| format!("hashing {}", image.display()))?;
+            let record = Record::new(
+                Kind::File,
+                format!("sha256:{hex}"),
+                image,
+                map.image_size,
+                seed,
+                o,
+            );
+            (record, Some(map))
         }
         Kind::EbsDirect => {
-            let config = aws_config(o).await;
-            ebs_direct::upload(&config, image, seed, o).await?
+            let mut o = o.clone();
+            let base = match &o.parent_image {
+                Some(p) => read_base(p, o.parent.as_deref())?,
+                None => Base {
+                    snapshot: None,
+                    map: None,
+                },
+            };
+            if o.parent.is_none() {
+                o.parent = base.snapshot.clone();
+            }
+            let config = aws_config(&o).await;
+            let (record, map) =
+                ebs_direct::upload(&config, image, seed, &o, base.map.as_ref()).await?;
+            (record, Some(map))
         }
         Kind::Ebs => {
             let config = aws_config(o).await;
-            ebs::create(&config, image, seed, o).await?
+            (ebs::create(&config, image, seed, o).await?, None)
         }
     };
     record.seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-    if o.kind == Kind::File {
-        file::write_record(image, &record)?;
+    if is_file && let Some(map) = map {
+        write_map_and_record(image, &map, &mut record)?;
     }
     Ok(record)
 }

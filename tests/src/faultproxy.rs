@@ -228,7 +228,7 @@ fn decide(state: &Mutex<State>, path: &str) -> Option<Fault> {
 }
 
 /// Reads an HTTP head (up to and including the blank line).
-async fn read_head(conn: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(crate) async fn read_head(conn: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -244,7 +244,7 @@ async fn read_head(conn: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
 }
 
 /// The head with `Connection: close` in place of any Connection header.
-fn close_head(head: &[u8]) -> Vec<u8> {
+pub(crate) fn close_head(head: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(head);
     let mut out = String::new();
     for line in text.split("\r\n") {
@@ -262,7 +262,7 @@ fn close_head(head: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn content_length(head: &[u8]) -> Option<u64> {
+pub(crate) fn content_length(head: &[u8]) -> Option<u64> {
     String::from_utf8_lossy(head).split("\r\n").find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.trim()

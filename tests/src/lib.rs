@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod containerd;
 pub mod cri;
+pub mod ebsproxy;
 pub mod faultproxy;
 pub mod fixtures;
 pub mod moto;

@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use coral_tests::ebsproxy::EbsProxy;
 use coral_tests::faultproxy::{Fault, FaultPlan, FaultProxy, When};
 use coral_tests::fixtures::Corpus;
 use coral_tests::moto::Moto;
@@ -489,5 +490,245 @@ async fn ebs_snapshots_the_named_volume_with_coral_tags() -> Result<()> {
         !o.status.success() && stderr.contains("--volume-id"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// `coral-builder build` arguments for fixture `images` from `reg`.
+fn build_args(
+    reg: &coral_tests::registry::Registry,
+    images: &[&str],
+    output: &Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = ["build", "--json", "--progress", "none", "--output"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(output.display().to_string());
+    for i in images {
+        args.push("--image".into());
+        args.push(format!("{}/{}:latest", reg.host(), Corpus::repository(i)));
+    }
+    for a in [
+        "--insecure-registry",
+        &reg.host(),
+        "--platform",
+        "linux/amd64",
+    ] {
+        args.push(a.to_string());
+    }
+    args
+}
+
+fn run_builder(endpoint: &str, args: &[String]) -> Result<serde_json::Value> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = builder_with_aws(endpoint, &args)?;
+    ensure!(
+        o.status.success(),
+        "coral-builder {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Incremental: a volume built on the previous one (`--parent-image`) and
+/// uploaded as a child of its snapshot sends only the blocks that changed.
+/// A recording proxy between the builder and moto recomputes every block's
+/// SHA-256 and the aggregate checksum (moto checks neither). moto does not
+/// implement parent inheritance (a child lists only its own blocks) or KMS,
+/// so the child is checked as AWS would present it: the parent's blocks
+/// overlaid with the blocks sent for the child, equal to the new image.
+#[tokio::test]
+async fn a_volume_built_on_the_last_one_sends_only_what_changed() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let moto = Moto::start()?;
+    let proxy = EbsProxy::start(&moto.endpoint().replace("http://", ""))?;
+    let work = tempfile::Builder::new().prefix("coral-incr-").tempdir()?;
+    let (v1, v2) = (work.path().join("v1.img"), work.path().join("v2.img"));
+    let snap = ["--snapshot", "ebs-direct", "--snapshot-poll", "200ms"].map(String::from);
+
+    let mut args = build_args(&reg, &["minbase", "tiny"], &v1);
+    args.extend(snap.iter().cloned());
+    let r1 = run_builder(&proxy.endpoint(), &args)?;
+    let snap1 = r1["snapshot"]["id"]
+        .as_str()
+        .context("snapshot 1")?
+        .to_string();
+    let v1_sum = sha256_file(&v1)?;
+    ensure!(
+        work.path().join("v1.img.blocks").exists(),
+        "no block map was recorded for v1: {r1:#}"
+    );
+
+    // One image of the set changes: tiny is replaced by layered (minbase +
+    // three edge-case layers).
+    let mut args = build_args(&reg, &["minbase", "layered"], &v2);
+    args.extend(snap.iter().cloned());
+    args.extend(["--parent-image".into(), v1.display().to_string()]);
+    let r2 = run_builder(&proxy.endpoint(), &args)?;
+    let snap2 = r2["snapshot"]["id"]
+        .as_str()
+        .context("snapshot 2")?
+        .to_string();
+    let built_on = &r2["builtOn"];
+    ensure!(
+        r2["snapshot"]["parent"] == snap1.as_str()
+            && built_on["layersKept"] == 1
+            && built_on["layersAdded"] == 3
+            && built_on["layersRemoved"] == 1,
+        "not built on v1 as expected: {r2:#}"
+    );
+    ensure!(sha256_file(&v1)? == v1_sum, "building on v1 changed it");
+
+    // Every block and the aggregate checked; then what was sent is bounded
+    // by what changed.
+    let changed = built_on["bytesWritten"].as_u64().context("bytesWritten")?;
+    let (sent1, sent2) = proxy.with(|rec| -> Result<(u64, u64)> {
+        ensure!(rec.bad_checksums.is_empty(), "{:?}", rec.bad_checksums);
+        for id in [&snap1, &snap2] {
+            let c = rec.completions.get(id).context("no CompleteSnapshot")?;
+            ensure!(
+                c.aggregate_ok && c.claimed_blocks == c.blocks_received,
+                "{id}: {c:?}"
+            );
+        }
+        Ok((
+            rec.blocks.get(&snap1).map_or(0, |b| b.len() as u64),
+            rec.blocks.get(&snap2).map_or(0, |b| b.len() as u64),
+        ))
+    })?;
+    let bound = (3 * changed).div_ceil(2 * BLOCK) + 256;
+    eprintln!(
+        "incremental: v1 sent {sent1} blocks; v2 wrote {changed} bytes and sent {sent2} \
+         blocks (bound {bound}); {} unchanged",
+        r2["snapshot"]["blocksUnchanged"]
+    );
+    ensure!(sent2 <= bound, "sent {sent2} blocks, more than {bound}");
+    // Most of v2 (minbase's layer) is the parent's, and was not sent again.
+    let unchanged = r2["snapshot"]["blocksUnchanged"].as_u64().unwrap_or(0);
+    ensure!(
+        r2["snapshot"]["blocksSent"] == sent2 && sent2 * 4 < sent2 + unchanged,
+        "{r2:#}"
+    );
+
+    // The child as AWS would present it: the parent's blocks, overlaid.
+    let config = moto.sdk_config().await;
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let mut child = read_back(&ebs, &snap1).await?;
+    child.extend(read_back(&ebs, &snap2).await?);
+    let gib = r2["snapshot"]["volumeSizeGib"].as_u64().context("gib")?;
+    same_bytes(&v2, &child, gib)?;
+
+    // A grandchild, built on v2 with the parent taken from v2's record
+    // (moto lists only a child's own blocks: the maps carry the rest).
+    let v3 = work.path().join("v3.img");
+    let mut args = build_args(&reg, &["minbase", "layered", "tiny"], &v3);
+    args.extend(snap.iter().cloned());
+    args.extend(["--parent-image".into(), v2.display().to_string()]);
+    let r3 = run_builder(&proxy.endpoint(), &args)?;
+    let snap3 = r3["snapshot"]["id"]
+        .as_str()
+        .context("snapshot 3")?
+        .to_string();
+    let changed3 = r3["builtOn"]["bytesWritten"]
+        .as_u64()
+        .context("bytesWritten")?;
+    let sent3 = proxy.with(|rec| rec.blocks.get(&snap3).map_or(0, |b| b.len() as u64));
+    ensure!(
+        r3["snapshot"]["parent"] == snap2.as_str()
+            && r3["builtOn"]["layersAdded"] == 1
+            && sent3 <= (3 * changed3).div_ceil(2 * BLOCK) + 256,
+        "v3 sent {sent3} blocks for {changed3} bytes: {r3:#}"
+    );
+    child.extend(read_back(&ebs, &snap3).await?);
+    same_bytes(
+        &v3,
+        &child,
+        r3["snapshot"]["volumeSizeGib"].as_u64().context("gib")?,
+    )?;
+
+    // The volume is intact, and holds what a fresh build of the same images
+    // holds.
+    let v = Command::new(workspace_bin("coral-builder")?)
+        .arg("verify")
+        .arg(&v2)
+        .output()?;
+    ensure!(
+        v.status.success(),
+        "verify v2: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let fresh = work.path().join("fresh.img");
+    let mut args = build_args(&reg, &["minbase", "layered"], &fresh);
+    args.extend(["--snapshot".into(), "none".into()]);
+    let fresh_report = run_builder(&moto.endpoint(), &args)?;
+    ensure!(
+        fresh_report["manifestDigest"] == r2["manifestDigest"],
+        "a fresh build holds {} but the incremental one {}",
+        fresh_report["manifestDigest"],
+        r2["manifestDigest"]
+    );
+    Ok(())
+}
+
+/// The proxy says `pending` for a few polls: the builder keeps waiting and
+/// succeeds. Held pending past the deadline: it fails in time and deletes
+/// the snapshot rather than leave one that might later look complete.
+#[tokio::test]
+async fn the_builder_waits_out_a_pending_snapshot_within_its_deadline() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let moto = Moto::start()?;
+    let proxy = EbsProxy::start(&moto.endpoint().replace("http://", ""))?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-pending-")
+        .tempdir()?;
+    let image = work.path().join("seed.img");
+    let mut args = build_args(&reg, &["tiny"], &image);
+    args.extend(["--snapshot", "none"].map(String::from));
+    run_builder(&moto.endpoint(), &args)?;
+    let snapshot = |deadline: &str| -> Result<Output> {
+        builder_with_aws(
+            &proxy.endpoint(),
+            &[
+                "snapshot",
+                image.to_str().context("utf-8")?,
+                "--snapshot",
+                "ebs-direct",
+                "--snapshot-poll",
+                "200ms",
+                "--snapshot-deadline",
+                deadline,
+            ],
+        )
+    };
+
+    proxy.hold_pending(4);
+    let o = snapshot("2m")?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (held, polls) = proxy.with(|r| (r.held_pending, r.describes));
+    ensure!(held == 4 && polls >= 5, "held {held}, polls {polls}");
+    let record: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let done = record["id"].as_str().context("id")?.to_string();
+
+    proxy.hold_pending(u64::MAX);
+    let started = Instant::now();
+    let o = snapshot("4s")?;
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.code() == Some(1), "{stderr}");
+    ensure!(
+        stderr.contains("deadline") && elapsed < Duration::from_secs(60),
+        "after {elapsed:?}: {stderr}"
+    );
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let left = ec2.describe_snapshots().owner_ids("self").send().await?;
+    let ids: Vec<&str> = left
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id())
+        .collect();
+    ensure!(ids == [done.as_str()], "snapshots left: {ids:?}");
     Ok(())
 }

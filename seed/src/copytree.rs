@@ -1,8 +1,9 @@
 //! An exact copy of a directory tree, as `cp -a --sparse=always` with
-//! xattrs would make it, for the two places the node copies a tree:
-//! `import --mode copy` (a pre-extracted layer from a read-only volume into
-//! containerd's snapshotter) and `mount`'s carry-over of what the machine
-//! image left in containerd's root.
+//! xattrs would make it, for the places coral copies a layer tree: the
+//! builder's incremental build (new layers into a copy of the previous
+//! volume), the node's `import --mode copy` (a pre-extracted layer from a
+//! read-only volume into containerd's snapshotter), and `mount`'s carry-over
+//! of what the machine image left in containerd's root.
 //!
 //! Kept: file types (directories, regular files, symlinks, character and
 //! block devices — overlayfs whiteouts are 0:0 character devices —, fifos,
@@ -239,7 +240,7 @@ fn timestamps(m: &Metadata) -> Timestamps {
 }
 
 fn xattrs_of(from: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    match coral_seed::tree::xattrs(from) {
+    match crate::tree::xattrs(from) {
         Ok(x) => Ok(x),
         // A source filesystem without xattrs has none to copy.
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(Vec::new()),
@@ -424,8 +425,8 @@ mod tests {
         sample(&src);
         let stats = copy_tree(&src, &dst).unwrap();
 
-        let (want, _) = coral_seed::tree::tree_digest(&src).unwrap();
-        let (got, _) = coral_seed::tree::tree_digest(&dst).unwrap();
+        let (want, _) = crate::tree::tree_digest(&src).unwrap();
+        let (got, _) = crate::tree::tree_digest(&dst).unwrap();
         assert_eq!(got, want, "the copy differs from its source");
         // The digest covers owners, modes, times, xattrs and hardlinks; the
         // rest a user would notice:
@@ -478,8 +479,8 @@ mod tests {
         rustix::io::pwrite(&f, &[6u8; 100], (5 << 20) - 100).unwrap();
         drop(f);
         copy_tree(&src, &dst).unwrap();
-        let (want, _) = coral_seed::tree::tree_digest(&src).unwrap();
-        let (got, _) = coral_seed::tree::tree_digest(&dst).unwrap();
+        let (want, _) = crate::tree::tree_digest(&src).unwrap();
+        let (got, _) = crate::tree::tree_digest(&dst).unwrap();
         assert_eq!(got, want, "the copy on tmpfs differs from its source");
         assert_eq!(
             fs::read(dst.join("big")).unwrap(),
