@@ -35,8 +35,12 @@ pub fn data_blocks(file: &File, size: u64, block_size: u64) -> io::Result<Vec<u6
         let start = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(pos)) {
             Ok(s) => s,
             Err(rustix::io::Errno::NXIO) => break,
-            // No SEEK_DATA here: everything is data.
-            Err(_) => return Ok((0..blocks).collect()),
+            // No SEEK_DATA here (a block device, an old filesystem):
+            // everything is data.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                return Ok((0..blocks).collect());
+            }
+            Err(e) => return Err(e.into()),
         };
         let end = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(start))
             .unwrap_or(size)

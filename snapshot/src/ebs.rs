@@ -31,9 +31,18 @@ pub async fn create(
     seed: &SeedInfo,
     o: &Options,
 ) -> Result<Record> {
+    let behind_device = volume_id_of(device, &PathBuf::from("/sys"));
     let volume = match &o.volume_id {
+        // Snapshotting another volume than the one written would record a
+        // snapshot that does not hold this seed.
+        Some(v) if behind_device.as_ref().is_some_and(|d| d != v) => bail!(
+            "--volume-id {v} is not the volume behind {} ({}): the snapshot must be of the \
+             volume the seed was written to",
+            device.display(),
+            behind_device.as_deref().unwrap_or_default()
+        ),
         Some(v) => v.clone(),
-        None => volume_id_of(device, &PathBuf::from("/sys")).with_context(|| {
+        None => behind_device.with_context(|| {
             format!(
                 "{} is not an EBS volume this machine can name (no vol- NVMe serial): give \
                  --volume-id vol-…",

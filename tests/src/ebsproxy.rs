@@ -44,6 +44,8 @@ pub struct Recorded {
     pub blocks: BTreeMap<String, BTreeMap<u64, [u8; 32]>>,
     /// snapshot → PutSnapshotBlock requests received (retries included).
     pub puts: BTreeMap<String, u64>,
+    /// snapshot → bytes of block data received.
+    pub bytes: BTreeMap<String, u64>,
     /// Blocks whose bytes did not hash to the checksum sent with them.
     pub bad_checksums: Vec<String>,
     pub completions: BTreeMap<String, Completion>,
@@ -52,6 +54,9 @@ pub struct Recorded {
     /// DescribeSnapshots answers rewritten from completed to pending.
     pub held_pending: u64,
     pending_left: u64,
+    /// Rewrite StartSnapshot's BlockSize to this (moto says 512 bytes,
+    /// EBS's blocks are 512 KiB; clients that trust the answer need this).
+    block_size: Option<u64>,
 }
 
 pub struct EbsProxy {
@@ -114,6 +119,12 @@ impl EbsProxy {
     /// server says `completed`.
     pub fn hold_pending(&self, n: u64) {
         self.state.lock().expect("not poisoned").pending_left = n;
+    }
+
+    /// StartSnapshot answers say `BlockSize` is `n` (EBS's 524288, where
+    /// moto says 512).
+    pub fn fix_block_size(&self, n: u64) {
+        self.state.lock().expect("not poisoned").block_size = Some(n);
     }
 
     /// Runs `f` on what was recorded so far.
@@ -228,6 +239,7 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &Mutex<Recorded>) 
             .to_string();
         let mut s = state.lock().expect("not poisoned");
         *s.puts.entry(id.clone()).or_default() += 1;
+        *s.bytes.entry(id.clone()).or_default() += body.len() as u64;
         if B64.encode(digest) != claimed {
             s.bad_checksums
                 .push(format!("{id} block {index:?}: claimed {claimed}"));
@@ -288,6 +300,15 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &Mutex<Recorded>) 
     let resp_text = String::from_utf8_lossy(&resp_head).into_owned();
     if header(&resp_text, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         resp = dechunk(&resp)?;
+    }
+    let start = method == "POST" && segments.len() == 2 && segments[1] == "snapshots";
+    if start && let Some(n) = state.lock().expect("not poisoned").block_size {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&resp).context("a StartSnapshot answer")?;
+        if v.get("BlockSize").is_some() {
+            v["BlockSize"] = n.into();
+        }
+        resp = serde_json::to_vec(&v)?;
     }
     if describe {
         let mut s = state.lock().expect("not poisoned");

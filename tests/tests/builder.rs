@@ -395,8 +395,8 @@ async fn the_same_seed_set_built_twice_gives_identical_ext4_images() -> Result<(
         r1["snapshot"],
         r2["snapshot"]
     );
-    // The work directories are gone after a successful build: the image and
-    // its snapshot record are all that is left.
+    // The work directories are gone after a successful build: the image,
+    // its snapshot record and its block map are all that is left.
     for d in [one.parent().unwrap(), two.parent().unwrap()] {
         let mut left: Vec<_> = std::fs::read_dir(d)?
             .flatten()
@@ -404,7 +404,7 @@ async fn the_same_seed_set_built_twice_gives_identical_ext4_images() -> Result<(
             .collect();
         left.sort();
         ensure!(
-            left == ["seed.img", "seed.img.snapshot.json"],
+            left == ["seed.img", "seed.img.blocks", "seed.img.snapshot.json"],
             "left behind in {}: {left:?}",
             d.display()
         );
