@@ -237,11 +237,21 @@ async fn ebs_direct_uploads_every_byte_and_the_snapshot_makes_a_volume() -> Resu
         .context("CreateVolume from the snapshot")?;
     ensure!(volume.size() == Some(gib as i32), "{volume:?}");
 
-    // Through a proxy that resets and fails requests: still every byte.
+    // Through a proxy that stalls, resets and fails requests: still every
+    // byte.
     moto.reset().await?;
     let proxy = FaultProxy::start(
         &endpoint.replace("http://", ""),
         FaultPlan::none()
+            // Block 0 (the superblock's, always sent) stalls once past the
+            // SDK's 30 s read timeout. (A rule matching a request decides it,
+            // so this one names a single block: the others still see the
+            // resets and 500s below.)
+            .with(
+                Some("/blocks/0"),
+                Fault::Stall(Duration::from_secs(45)),
+                When::FirstN(1),
+            )
             .with(Some("/blocks/"), Fault::Reset, When::EveryKth(4))
             .with(Some("/blocks/"), Fault::Status(500), When::EveryKth(5))
             .with(Some("/snapshots"), Fault::Status(503), When::FirstN(1)),
@@ -262,7 +272,15 @@ async fn ebs_direct_uploads_every_byte_and_the_snapshot_makes_a_volume() -> Resu
         "snapshot through the fault proxy: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    ensure!(proxy.counters.faults() > 0, "the proxy injected no fault");
+    ensure!(
+        proxy
+            .counters
+            .stalls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+            && proxy.counters.faults() > 1,
+        "the proxy injected no stall, or nothing else"
+    );
     let record: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     let id = record["id"].as_str().context("id")?;
     same_bytes(&image, &read_back(&ebs, id).await?, gib)?;
