@@ -16,7 +16,6 @@
 //! buffered, which is fine for 512 KiB blocks and small XML answers.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -24,9 +23,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::faultproxy::{close_head, content_length, read_head};
+use crate::faultproxy::{Serving, close_head, content_length, read_head, serve};
 
 /// What a CompleteSnapshot claimed, checked against what was sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,59 +59,29 @@ pub struct Recorded {
 }
 
 pub struct EbsProxy {
-    addr: SocketAddr,
+    serving: Serving,
     state: Arc<Mutex<Recorded>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EbsProxy {
     /// Starts a proxy to `upstream` (`host:port`) on a random 127.0.0.1 port.
     pub fn start(upstream: &str) -> Result<EbsProxy> {
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy")?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
         let state = Arc::new(Mutex::new(Recorded::default()));
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let (st, up) = (state.clone(), upstream.to_string());
-        let thread = std::thread::Builder::new()
-            .name("ebs-proxy".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime");
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(std_listener).expect("a listener");
-                    loop {
-                        tokio::select! {
-                            _ = &mut rx => break,
-                            accepted = listener.accept() => {
-                                if let Ok((conn, _)) = accepted {
-                                    let (st, up) = (st.clone(), up.clone());
-                                    tokio::spawn(async move {
-                                        if let Err(e) = handle(conn, &up, &st).await {
-                                            eprintln!("ebs-proxy: {e:#}");
-                                        }
-                                    });
-                                }
-                            }
-                        }
-                    }
-                });
-            })?;
-        Ok(EbsProxy {
-            addr,
-            state,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        })
+        let serving = serve("ebs-proxy", move |conn| {
+            let (st, up) = (st.clone(), up.clone());
+            async move {
+                if let Err(e) = handle(conn, &up, &st).await {
+                    eprintln!("ebs-proxy: {e:#}");
+                }
+            }
+        })?;
+        Ok(EbsProxy { serving, state })
     }
 
     /// `http://127.0.0.1:PORT`, for `AWS_ENDPOINT_URL`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.serving.addr)
     }
 
     /// The next `n` DescribeSnapshots answers say `pending` where the
@@ -130,17 +99,6 @@ impl EbsProxy {
     /// Runs `f` on what was recorded so far.
     pub fn with<T>(&self, f: impl FnOnce(&Recorded) -> T) -> T {
         f(&self.state.lock().expect("not poisoned"))
-    }
-}
-
-impl Drop for EbsProxy {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -100,21 +100,72 @@ struct State {
 }
 
 pub struct FaultProxy {
-    addr: SocketAddr,
+    serving: Serving,
     upstream: String,
     state: Arc<Mutex<State>>,
     pub counters: Arc<Counters>,
+}
+
+/// A proxy's accept loop, on its own thread and runtime, on a random
+/// 127.0.0.1 port; stopped when dropped.
+pub(crate) struct Serving {
+    pub addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts a [`Serving`] that hands each connection to `serve`.
+pub(crate) fn serve<F, Fut>(name: &str, serve: F) -> Result<Serving>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("a listener");
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        accepted = listener.accept() => {
+                            if let Ok((conn, _)) = accepted {
+                                tokio::spawn(serve(conn));
+                            }
+                        }
+                    }
+                }
+            });
+        })?;
+    Ok(Serving {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl FaultProxy {
     /// Starts a proxy to `upstream` (`host:port`) on a random 127.0.0.1 port.
     pub fn start(upstream: &str, plan: FaultPlan) -> Result<FaultProxy> {
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy")?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
         let seed = plan
             .rules
             .iter()
@@ -129,45 +180,24 @@ impl FaultProxy {
             rng: seed | 1,
         }));
         let counters = Arc::new(Counters::default());
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let (st, ct, up) = (state.clone(), counters.clone(), upstream.to_string());
-        let thread = std::thread::Builder::new()
-            .name("fault-proxy".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime");
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(std_listener).expect("a listener");
-                    loop {
-                        tokio::select! {
-                            _ = &mut rx => break,
-                            accepted = listener.accept() => {
-                                if let Ok((conn, _)) = accepted {
-                                    let (st, ct, up) = (st.clone(), ct.clone(), up.clone());
-                                    tokio::spawn(async move {
-                                        let _ = handle(conn, &up, &st, &ct).await;
-                                    });
-                                }
-                            }
-                        }
-                    }
-                });
-            })?;
+        let serving = serve("fault-proxy", move |conn| {
+            let (st, ct, up) = (st.clone(), ct.clone(), up.clone());
+            async move {
+                let _ = handle(conn, &up, &st, &ct).await;
+            }
+        })?;
         Ok(FaultProxy {
-            addr,
+            serving,
             upstream: upstream.to_string(),
             state,
             counters,
-            shutdown: Some(tx),
-            thread: Some(thread),
         })
     }
 
     /// `127.0.0.1:PORT`, to use in place of the upstream's host.
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        self.serving.addr.to_string()
     }
 
     pub fn upstream(&self) -> &str {
@@ -179,17 +209,6 @@ impl FaultProxy {
         let mut s = self.state.lock().expect("not poisoned");
         s.seen = vec![0; plan.rules.len()];
         s.plan = plan;
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
