@@ -1,0 +1,12 @@
+//! coral-controller as a library: the `ImageSeed` resource ([`crd`]) and
+//! the reconciler that turns it into builder Jobs, snapshots and rollouts.
+
+pub mod crd;
+pub mod job;
+pub mod reconcile;
+
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,613 @@
+//! Reconciling an ImageSeed, inside `kube::runtime::finalizer`:
+//!
+//! 1. resolve every reference to a digest (the builder's registry code) and
+//!    compute the seed key, as the builder will;
+//! 2. if no complete snapshot is recorded for that key, follow the builder
+//!    Jobs for it (found by labels): create one, wait for it, read the
+//!    report its pod leaves in its termination message and record the
+//!    snapshot; a failed Job is retried after an exponential backoff
+//!    (30 s doubling, at most 10 minutes), derived from the failed Jobs
+//!    themselves so that it survives restarts;
+//! 3. write the status (only when it changed).
+//!
+//! Every step is a sequence of awaited requests, in a fixed order, so that
+//! tests can drive it with a mock API server.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coral_seed::{Digest, Platform, Reference};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{
+    BuildState, FINALIZER, ImageSeed, ImageSeedStatus, ImageState, Phase, SnapshotRef,
+};
+use crate::job::{self, JobState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How references become digests.
+#[derive(Clone)]
+pub enum Resolver {
+    /// The registries themselves, through the builder's client.
+    Registry(Arc<coral_builder::registry::RegistryClient>),
+    /// A fixed table (reference as written → digest), for tests; a
+    /// reference missing from it fails to resolve.
+    Fixed(Arc<Mutex<BTreeMap<String, String>>>),
+}
+
+/// What resolving one reference gave.
+pub struct Resolved {
+    pub name: Reference,
+    pub digest: Digest,
+    pub size: Option<u64>,
+}
+
+impl Resolver {
+    pub async fn resolve(&self, asked: &str, platforms: &[Platform]) -> Result<Resolved, String> {
+        let name: Reference = asked.parse().map_err(|e| format!("{e}"))?;
+        match self {
+            Resolver::Fixed(table) => {
+                let digest = table
+                    .lock()
+                    .expect("not poisoned")
+                    .get(asked)
+                    .cloned()
+                    .ok_or_else(|| format!("{asked}: not found"))?;
+                Ok(Resolved {
+                    name,
+                    digest: digest.parse().map_err(|e| format!("{e}"))?,
+                    size: None,
+                })
+            }
+            Resolver::Registry(client) => {
+                let r = coral_builder::resolve::resolve(client, asked, &name, platforms)
+                    .await
+                    .map_err(|e| format!("{e}"))?;
+                let size = r
+                    .images
+                    .iter()
+                    .map(|i| {
+                        i.manifest.size
+                            + i.config.size
+                            + i.layers.iter().map(|l| l.size).sum::<u64>()
+                    })
+                    .sum();
+                Ok(Resolved {
+                    name,
+                    digest: r.target.digest,
+                    size: Some(size),
+                })
+            }
+        }
+    }
+}
+
+/// What reconcile needs.
+pub struct Context {
+    pub client: kube::Client,
+    /// The controller's namespace: builder Jobs and pull secrets live here.
+    pub namespace: String,
+    pub resolver: Resolver,
+    /// The coral-builder container image.
+    pub builder_image: String,
+    /// The operator's pod template for builder Jobs.
+    pub job_template: PodTemplateSpec,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        resolver: Resolver,
+        builder_image: &str,
+        job_template: PodTemplateSpec,
+    ) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "coral-controller".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Context {
+            client,
+            namespace: namespace.into(),
+            resolver,
+            builder_image: builder_image.into(),
+            job_template,
+            recorder,
+        }
+    }
+}
+
+/// The wait before build attempt `failures + 1`: 30 s doubling, at most
+/// 10 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let secs = 30u64.saturating_mul(1 << (failures - 1).min(10));
+    Duration::from_secs(secs.min(600))
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn plus(t: &Time, d: Duration) -> Time {
+    Time(t.0 + k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or_default())
+}
+
+fn until(t: &Time) -> Duration {
+    let d = t.0.duration_since(k8s_openapi::jiff::Timestamp::now());
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+/// Sets condition `type_` in `conds`, keeping its transition time when its
+/// status did not change.
+fn set_condition(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if ok { "True" } else { "False" };
+    let last = conds
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    conds.retain(|c| c.type_ != type_);
+    conds.push(Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: last.unwrap_or_else(now),
+    });
+    conds.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// The entry point `Controller::run` calls.
+pub async fn reconcile(seed: Arc<ImageSeed>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<ImageSeed> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, seed, |event| async {
+        match event {
+            Finalizer::Apply(seed) => apply(&seed, &ctx).await,
+            Finalizer::Cleanup(seed) => cleanup(&seed, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// What the controller does when a reconcile fails: try again, later.
+pub fn error_policy(_seed: Arc<ImageSeed>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!("reconcile failed: {error}");
+    Action::requeue(Duration::from_secs(30))
+}
+
+async fn event(ctx: &Context, seed: &ImageSeed, type_: EventType, reason: &str, note: String) {
+    let e = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&e, &seed.object_ref(&())).await {
+        tracing::warn!("publishing event {reason}: {err}");
+    }
+}
+
+async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
+    let name = seed.name_any();
+    let generation = seed.metadata.generation;
+    let before = seed.status.clone().unwrap_or_default();
+    let mut st = before.clone();
+    st.observed_generation = generation;
+
+    // 1. Resolve.
+    let platforms: Result<Vec<Platform>, String> = seed
+        .spec
+        .platforms
+        .iter()
+        .map(|p| {
+            p.parse::<Platform>()
+                .map_err(|e| format!("platform {p:?}: {e}"))
+        })
+        .collect();
+    let platforms = match platforms {
+        Ok(p) if !p.is_empty() && !seed.spec.images.is_empty() => p,
+        Ok(_) => {
+            return invalid(
+                seed,
+                ctx,
+                &before,
+                st,
+                "the spec names no images or no platforms",
+            )
+            .await;
+        }
+        Err(e) => return invalid(seed, ctx, &before, st, &e).await,
+    };
+    let mut images = Vec::new();
+    let mut resolved = Vec::new();
+    let mut retry: Option<Duration> = None;
+    for asked in &seed.spec.images {
+        let mut state = st
+            .images
+            .iter()
+            .find(|i| &i.reference == asked)
+            .cloned()
+            .unwrap_or_else(|| ImageState {
+                reference: asked.clone(),
+                ..ImageState::default()
+            });
+        match ctx.resolver.resolve(asked, &platforms).await {
+            Ok(r) => {
+                state.resolved_digest = Some(r.digest.to_string());
+                state.size = r.size.or(state.size);
+                state.last_error = None;
+                state.failure_count = 0;
+                state.next_retry = None;
+                resolved.push((r.name, r.digest));
+            }
+            Err(e) => {
+                state.failure_count += 1;
+                let wait = backoff(state.failure_count);
+                state.last_error = Some(e);
+                state.next_retry = Some(plus(&now(), wait));
+                retry = Some(retry.map_or(wait, |r| r.min(wait)));
+            }
+        }
+        images.push(state);
+    }
+    st.images = images;
+    st.last_resolved = Some(now());
+    if resolved.len() < seed.spec.images.len() {
+        let failed: Vec<String> = st
+            .images
+            .iter()
+            .filter_map(|i| i.last_error.clone())
+            .collect();
+        set_condition(
+            &mut st.conditions,
+            "Resolved",
+            false,
+            "ResolveFailed",
+            &failed.join("; "),
+            generation,
+        );
+        st.phase = Some(Phase::Resolving);
+        write_status(ctx, &name, &before, &st).await?;
+        return Ok(Action::requeue(retry.unwrap_or(Duration::from_secs(30))));
+    }
+    set_condition(
+        &mut st.conditions,
+        "Resolved",
+        true,
+        "Resolved",
+        "every image resolved",
+        generation,
+    );
+    let key = coral_seed::manifest::seed_key(&platforms, resolved.iter().map(|(n, d)| (n, d)))
+        .to_string();
+    st.seed_key = Some(key.clone());
+
+    // 2. A complete snapshot for the key, or the build that makes it.
+    let action = if let Some(snap) = st
+        .history
+        .iter()
+        .find(|s| s.complete && s.seed_key == key)
+        .cloned()
+    {
+        st.build = None;
+        set_condition(
+            &mut st.conditions,
+            "Built",
+            true,
+            "Built",
+            &format!("snapshot {}", snap.snapshot_id),
+            generation,
+        );
+        st.phase = Some(Phase::Ready);
+        st.current = Some(snap);
+        Action::requeue(Duration::from_secs(3600))
+    } else {
+        follow_build(seed, ctx, &mut st, &key).await?
+    };
+    let current_key = st.current.as_ref().map(|c| c.seed_key.clone());
+    for i in &mut st.images {
+        i.in_current_snapshot =
+            current_key.as_deref() == Some(key.as_str()) && i.resolved_digest.is_some();
+    }
+    write_status(ctx, &name, &before, &st).await?;
+    Ok(action)
+}
+
+/// The spec cannot be built: say why, and wait for it to change.
+async fn invalid(
+    seed: &ImageSeed,
+    ctx: &Context,
+    before: &ImageSeedStatus,
+    mut st: ImageSeedStatus,
+    why: &str,
+) -> Result<Action, Error> {
+    set_condition(
+        &mut st.conditions,
+        "Resolved",
+        false,
+        "InvalidSpec",
+        why,
+        seed.metadata.generation,
+    );
+    st.phase = Some(Phase::Failed);
+    write_status(ctx, &seed.name_any(), before, &st).await?;
+    Ok(Action::await_change())
+}
+
+/// Creates, follows and reads the builder Jobs for `key`.
+async fn follow_build(
+    seed: &ImageSeed,
+    ctx: &Context,
+    st: &mut ImageSeedStatus,
+    key: &str,
+) -> Result<Action, Error> {
+    let generation = seed.metadata.generation;
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut found = jobs
+        .list(&ListParams::default().labels(&job::selector(seed, key)))
+        .await?
+        .items;
+    // Oldest attempt first.
+    found.sort_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    let failed: Vec<(String, String, Option<Time>)> = found
+        .iter()
+        .filter_map(|j| match job::job_state(j) {
+            JobState::Failed(why) => Some((j.name_any(), why, failed_at(j))),
+            _ => None,
+        })
+        .collect();
+    let failures = failed.len() as u32;
+
+    if let Some(done) = found
+        .iter()
+        .find(|j| job::job_state(j) == JobState::Succeeded)
+    {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+        let pod_list = pods
+            .list(
+                &ListParams::default()
+                    .labels(&format!("batch.kubernetes.io/job-name={}", done.name_any())),
+            )
+            .await?
+            .items;
+        let report = pod_list
+            .iter()
+            .filter_map(job::termination_message)
+            .find_map(|m| job::parse_report(&m));
+        match report {
+            Some(r) if r.snapshot_id.as_deref().is_some_and(|s| !s.is_empty()) => {
+                let snap = SnapshotRef {
+                    snapshot_id: r.snapshot_id.clone().unwrap_or_default(),
+                    manifest_digest: r.manifest_digest.clone(),
+                    seed_key: r.seed_key.clone(),
+                    created: done
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.completion_time.clone())
+                        .unwrap_or_else(now),
+                    complete: true,
+                    volume_size_gib: r.volume_size_gib,
+                };
+                st.history.retain(|h| h.snapshot_id != snap.snapshot_id);
+                st.history.insert(0, snap.clone());
+                st.build = None;
+                event(
+                    ctx,
+                    seed,
+                    EventType::Normal,
+                    "BuildSucceeded",
+                    format!("{} built snapshot {}", done.name_any(), snap.snapshot_id),
+                )
+                .await;
+                if r.seed_key != key {
+                    // A tag moved while it built: a complete snapshot of the
+                    // older set; the next pass builds the new one.
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                set_condition(
+                    &mut st.conditions,
+                    "Built",
+                    true,
+                    "Built",
+                    &format!("snapshot {}", snap.snapshot_id),
+                    generation,
+                );
+                st.phase = Some(Phase::Ready);
+                st.current = Some(snap);
+                return Ok(Action::requeue(Duration::from_secs(3600)));
+            }
+            _ => {
+                // Succeeded without a usable report: never rolled out.
+                let why = format!(
+                    "{} succeeded but left no complete build report",
+                    done.name_any()
+                );
+                set_condition(
+                    &mut st.conditions,
+                    "Built",
+                    false,
+                    "IncompleteReport",
+                    &why,
+                    generation,
+                );
+                st.phase = Some(Phase::Failed);
+                return Ok(Action::requeue(Duration::from_secs(600)));
+            }
+        }
+    }
+    if found.iter().any(|j| job::job_state(j) == JobState::Running) {
+        let running = found
+            .iter()
+            .find(|j| job::job_state(j) == JobState::Running)
+            .map(|j| j.name_any());
+        st.phase = Some(Phase::Building);
+        st.build = Some(BuildState {
+            job: running,
+            seed_key: key.into(),
+            failure_count: failures,
+            next_retry: None,
+            last_error: failed.last().map(|f| f.1.clone()),
+        });
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    // The next attempt, after the backoff the failures so far call for.
+    if let Some((last_job, why, at)) = failed.last() {
+        let at = at.clone().unwrap_or_else(now);
+        let next = plus(&at, backoff(failures));
+        let wait = until(&next);
+        if !wait.is_zero() {
+            let message = format!(
+                "{last_job} failed ({failures} so far; next attempt in {}s): {why}",
+                wait.as_secs()
+            );
+            if st.build.as_ref().map(|b| b.failure_count) != Some(failures) {
+                event(
+                    ctx,
+                    seed,
+                    EventType::Warning,
+                    "BuildFailed",
+                    message.clone(),
+                )
+                .await;
+            }
+            set_condition(
+                &mut st.conditions,
+                "Built",
+                false,
+                "BuildFailed",
+                &message,
+                generation,
+            );
+            st.phase = Some(Phase::Failed);
+            st.build = Some(BuildState {
+                job: Some(last_job.clone()),
+                seed_key: key.into(),
+                failure_count: failures,
+                next_retry: Some(next),
+                last_error: Some(why.clone()),
+            });
+            return Ok(Action::requeue(wait));
+        }
+    }
+    let job = job::builder_job(
+        seed,
+        key,
+        failures + 1,
+        &ctx.namespace,
+        &ctx.builder_image,
+        &ctx.job_template,
+    );
+    let job_name = job.name_any();
+    jobs.create(&PostParams::default(), &job).await?;
+    event(
+        ctx,
+        seed,
+        EventType::Normal,
+        "BuildStarted",
+        format!("{job_name} builds seed key {key}"),
+    )
+    .await;
+    set_condition(
+        &mut st.conditions,
+        "Built",
+        false,
+        "Building",
+        &format!("{job_name} is building"),
+        generation,
+    );
+    st.phase = Some(Phase::Building);
+    st.build = Some(BuildState {
+        job: Some(job_name),
+        seed_key: key.into(),
+        failure_count: failures,
+        next_retry: None,
+        last_error: failed.last().map(|f| f.1.clone()),
+    });
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// When a failed Job failed (its Failed condition's transition time).
+fn failed_at(j: &Job) -> Option<Time> {
+    j.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True")?
+        .last_transition_time
+        .clone()
+}
+
+async fn write_status(
+    ctx: &Context,
+    name: &str,
+    before: &ImageSeedStatus,
+    after: &ImageSeedStatus,
+) -> Result<(), Error> {
+    if before == after {
+        return Ok(());
+    }
+    let api: Api<ImageSeed> = Api::all(ctx.client.clone());
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": after })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deleting an ImageSeed: its builder Jobs go (snapshots and launch
+/// template versions per the deletion policy: not yet), then the finalizer.
+async fn cleanup(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let selector = format!("{}={}", job::LABEL_SEED_UID, seed.uid().unwrap_or_default());
+    jobs.delete_collection(
+        &DeleteParams::background(),
+        &ListParams::default().labels(&selector),
+    )
+    .await?;
+    event(
+        ctx,
+        seed,
+        EventType::Normal,
+        "Deleted",
+        "builder Jobs removed".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
