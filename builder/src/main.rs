@@ -582,9 +582,12 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     let termination = Path::new("/dev/termination-log");
     if termination.exists() {
         let summary = json!({
+            "v": 1,
             "seedKey": staged.manifest.seed_key.to_string(),
             "manifestDigest": staged.manifest_digest.to_string(),
             "snapshotId": snapshot.as_ref().map(|s| s.id.clone()),
+            "snapshotKind": snapshot.as_ref().map(|s| s.kind.clone()),
+            "volumeSizeGib": snapshot.as_ref().map(|s| s.volume_size_gib),
             "output": args.output,
         });
         let _ = std::fs::write(termination, serde_json::to_vec(&summary)?);

@@ -75,7 +75,7 @@ pub struct SecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {
     /// Volume size in GiB (0: the builder's computed size).
-    #[serde(default)]
+    #[serde(default, rename = "sizeGiB")]
     pub size_gib: u32,
     #[serde(default)]
     pub filesystem: Filesystem,

@@ -1,9 +1,20 @@
 //! The `coral-controller` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
-use kube::CustomResourceExt;
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use coral_controller::crd::ImageSeed;
+use coral_controller::job::{ANNOTATION_SEED, LABEL_MANAGED_BY};
+use coral_controller::reconcile::{Context, Resolver, error_policy, reconcile};
+use futures_util::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, CustomResourceExt, ResourceExt};
 
 #[derive(Parser)]
 #[command(
@@ -20,22 +31,100 @@ struct Cli {
 enum Command {
     /// Print the ImageSeed CustomResourceDefinition (YAML).
     Crd,
+    /// Run the operator (in a cluster, or with a kubeconfig).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The controller's own namespace: builder Jobs and pull secrets live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "coral-system")]
+    namespace: String,
+    /// The coral-builder container image builder Jobs run.
+    #[arg(long, env = "CORAL_BUILDER_IMAGE")]
+    builder_image: String,
+    /// A pod template (YAML `PodTemplateSpec`) for builder Jobs: service
+    /// account, resources, node selector, tolerations.
+    #[arg(long, value_name = "FILE")]
+    job_template: Option<PathBuf>,
+    /// A docker config.json for resolving tags (default: none, anonymous).
+    #[arg(long, value_name = "FILE")]
+    registry_config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Crd => {
-            let crd = coral_controller::crd::ImageSeed::crd();
-            match serde_norway::to_string(&crd) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("coral-controller: error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .json()
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Crd => serde_norway::to_string(&ImageSeed::crd())
+            .map(|text| print!("{text}"))
+            .map_err(anyhow::Error::from),
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coral-controller: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let template: PodTemplateSpec = match &args.job_template {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_norway::from_str(&text)
+                .with_context(|| format!("{} is not a PodTemplateSpec", p.display()))?
+        }
+        None => PodTemplateSpec::default(),
+    };
+    let credentials = coral_builder::auth::Credentials::load(args.registry_config.as_deref())?;
+    let registry = coral_builder::registry::RegistryClient::new(
+        coral_builder::registry::RegistryOptions::default(),
+        credentials,
+    )?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        &args.namespace,
+        Resolver::Registry(Arc::new(registry)),
+        &args.builder_image,
+        template,
+    ));
+    let seeds: Api<ImageSeed> = Api::all(client.clone());
+    let jobs: Api<Job> = Api::namespaced(client, &args.namespace);
+    // Jobs map to their ImageSeed by annotation: `owns` would look the
+    // cluster-scoped owner up in the Job's namespace and never find it.
+    Controller::new(seeds, watcher::Config::default().any_semantic())
+        .watches(
+            jobs,
+            watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=coral")),
+            |job: Job| {
+                job.annotations()
+                    .get(ANNOTATION_SEED)
+                    .map(|name| ObjectRef::<ImageSeed>::new(name))
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, action)) => tracing::info!(seed = %obj.name, ?action, "reconciled"),
+                Err(e) => tracing::warn!("reconcile: {e}"),
+            }
+        })
+        .await;
+    Ok(())
 }
