@@ -302,6 +302,24 @@ pub struct ImageSeedStatus {
     pub build: Option<BuildState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_resolved: Option<Time>,
+    /// Where the current snapshot is rolled out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetState>,
+}
+
+/// One rollout target.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetState {
+    /// `EC2NodeClass` or `LaunchTemplate`.
+    pub kind: String,
+    pub name: String,
+    pub snapshot_id: String,
+    /// Launch templates: the version coral made the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

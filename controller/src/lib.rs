@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod job;
 pub mod reconcile;
+pub mod rollout;
 
 #[cfg(any(test, feature = "test-fixtures"))]
 pub mod fixtures;

@@ -102,6 +102,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Resolver::Registry(Arc::new(registry)),
         &args.builder_image,
         template,
+        aws_sdk_ec2::Client::new(&aws_config::load_from_env().await),
     ));
     let seeds: Api<ImageSeed> = Api::all(client.clone());
     let jobs: Api<Job> = Api::namespaced(client, &args.namespace);

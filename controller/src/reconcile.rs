@@ -29,9 +29,11 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{
-    BuildState, FINALIZER, ImageSeed, ImageSeedStatus, ImageState, Phase, SnapshotRef,
+    APPROVE_ANNOTATION, BuildState, FINALIZER, ImageSeed, ImageSeedStatus, ImageState, Phase,
+    RolloutPolicy, SnapshotRef, TargetState,
 };
 use crate::job::{self, JobState};
+use crate::rollout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -111,6 +113,8 @@ pub struct Context {
     /// The operator's pod template for builder Jobs.
     pub job_template: PodTemplateSpec,
     pub recorder: Recorder,
+    /// EC2: checking reported snapshots, launch templates.
+    pub ec2: aws_sdk_ec2::Client,
 }
 
 impl Context {
@@ -120,6 +124,7 @@ impl Context {
         resolver: Resolver,
         builder_image: &str,
         job_template: PodTemplateSpec,
+        ec2: aws_sdk_ec2::Client,
     ) -> Context {
         let recorder = Recorder::new(
             client.clone(),
@@ -135,6 +140,7 @@ impl Context {
             builder_image: builder_image.into(),
             job_template,
             recorder,
+            ec2,
         }
     }
 }
@@ -208,12 +214,26 @@ pub fn error_policy(_seed: Arc<ImageSeed>, error: &Error, _ctx: Arc<Context>) ->
     Action::requeue(Duration::from_secs(30))
 }
 
+/// Publishes an event about `seed`. Events of one reason and action form a
+/// series (later ones patch the first), so distinct actions get distinct
+/// names.
 async fn event(ctx: &Context, seed: &ImageSeed, type_: EventType, reason: &str, note: String) {
+    event_for(ctx, seed, type_, reason, reason, note).await
+}
+
+async fn event_for(
+    ctx: &Context,
+    seed: &ImageSeed,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let e = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
-        action: reason.into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(err) = ctx.recorder.publish(&e, &seed.object_ref(&())).await {
@@ -333,11 +353,12 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
             generation,
         );
         st.phase = Some(Phase::Ready);
-        st.current = Some(snap);
         Action::requeue(Duration::from_secs(3600))
     } else {
         follow_build(seed, ctx, &mut st, &key).await?
     };
+    // 3. Roll out what the policy says.
+    roll_out(seed, ctx, &mut st, &key).await;
     let current_key = st.current.as_ref().map(|c| c.seed_key.clone());
     for i in &mut st.images {
         i.in_current_snapshot =
@@ -410,6 +431,41 @@ async fn follow_build(
             .find_map(|m| job::parse_report(&m));
         match report {
             Some(r) if r.snapshot_id.as_deref().is_some_and(|s| !s.is_empty()) => {
+                let id = r.snapshot_id.clone().unwrap_or_default();
+                match rollout::snapshot_usable(&ctx.ec2, &id, &r.seed_key).await? {
+                    None => {
+                        let why = format!("snapshot {id} of {} is still pending", done.name_any());
+                        set_condition(
+                            &mut st.conditions,
+                            "Built",
+                            false,
+                            "SnapshotPending",
+                            &why,
+                            generation,
+                        );
+                        st.phase = Some(Phase::Building);
+                        return Ok(Action::requeue(Duration::from_secs(30)));
+                    }
+                    Some(false) => {
+                        let why = format!(
+                            "{} reported snapshot {id}, but EC2 does not show it completed and tagged with \
+                             seed key {}: it is not used",
+                            done.name_any(),
+                            r.seed_key
+                        );
+                        set_condition(
+                            &mut st.conditions,
+                            "Built",
+                            false,
+                            "IncompleteReport",
+                            &why,
+                            generation,
+                        );
+                        st.phase = Some(Phase::Failed);
+                        return Ok(Action::requeue(Duration::from_secs(600)));
+                    }
+                    Some(true) => {}
+                }
                 let snap = SnapshotRef {
                     snapshot_id: r.snapshot_id.clone().unwrap_or_default(),
                     manifest_digest: r.manifest_digest.clone(),
@@ -447,7 +503,6 @@ async fn follow_build(
                     generation,
                 );
                 st.phase = Some(Phase::Ready);
-                st.current = Some(snap);
                 return Ok(Action::requeue(Duration::from_secs(3600)));
             }
             _ => {
@@ -558,6 +613,158 @@ async fn follow_build(
         last_error: failed.last().map(|f| f.1.clone()),
     });
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// Decides the snapshot to roll out (pin; else the newest complete one for
+/// the current key, else the current one) under the rollout policy, and
+/// puts the current one into every target. Failures are reported in the
+/// `RolledOut` condition and per target, and retried on the next pass.
+async fn roll_out(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus, key: &str) {
+    let generation = seed.metadata.generation;
+    let policy = &seed.spec.rollout;
+    let wanted = match &policy.pin {
+        Some(pin) => match st
+            .history
+            .iter()
+            .find(|h| &h.snapshot_id == pin && h.complete)
+        {
+            Some(h) => Some(h.clone()),
+            None => {
+                let why = format!("rollout.pin {pin} is no complete snapshot of this seed");
+                set_condition(
+                    &mut st.conditions,
+                    "RolledOut",
+                    false,
+                    "PinNotFound",
+                    &why,
+                    generation,
+                );
+                None
+            }
+        },
+        None => st
+            .history
+            .iter()
+            .find(|h| h.complete && h.seed_key == key)
+            .cloned()
+            .or_else(|| st.current.clone()),
+    };
+    if let Some(w) = wanted {
+        let is_current = st.current.as_ref().map(|c| &c.snapshot_id) == Some(&w.snapshot_id);
+        let approved = seed.annotations().get(APPROVE_ANNOTATION) == Some(&w.snapshot_id);
+        if policy.policy == RolloutPolicy::Manual
+            && policy.pin.is_none()
+            && !is_current
+            && !approved
+        {
+            if st.pending.as_ref().map(|p| &p.snapshot_id) != Some(&w.snapshot_id) {
+                let note = format!(
+                    "snapshot {} waits for approval: annotate {APPROVE_ANNOTATION}={}",
+                    w.snapshot_id, w.snapshot_id
+                );
+                event(ctx, seed, EventType::Normal, "ApprovalRequired", note).await;
+            }
+            st.pending = Some(w);
+            st.phase = Some(Phase::AwaitingApproval);
+        } else {
+            st.pending = None;
+            st.current = Some(w);
+        }
+    }
+    let Some(current) = st.current.clone() else {
+        return;
+    };
+    let mut targets = Vec::new();
+    let mut failures = Vec::new();
+    for name in &seed.spec.targets.ec2_node_classes {
+        let mut t = TargetState {
+            kind: "EC2NodeClass".into(),
+            name: name.clone(),
+            snapshot_id: current.snapshot_id.clone(),
+            ..TargetState::default()
+        };
+        match rollout::node_class(&ctx.client, name, seed, &current).await {
+            Ok(true) => {
+                let note = format!(
+                    "EC2NodeClass {name} now launches nodes with snapshot {}",
+                    current.snapshot_id
+                );
+                event_for(
+                    ctx,
+                    seed,
+                    EventType::Normal,
+                    "RolledOut",
+                    "PatchEC2NodeClass",
+                    note,
+                )
+                .await;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                t.error = Some(e.to_string());
+                failures.push(format!("EC2NodeClass {name}: {e}"));
+            }
+        }
+        targets.push(t);
+    }
+    for id in &seed.spec.targets.launch_templates {
+        let mut t = TargetState {
+            kind: "LaunchTemplate".into(),
+            name: id.clone(),
+            snapshot_id: current.snapshot_id.clone(),
+            ..TargetState::default()
+        };
+        t.version = st
+            .targets
+            .iter()
+            .find(|x| x.kind == t.kind && x.name == t.name)
+            .and_then(|b| b.version);
+        match rollout::launch_template(&ctx.ec2, id, seed, &current).await {
+            Ok(Some(v)) => {
+                t.version = Some(v);
+                let note = format!(
+                    "launch template {id} version {v} (default) has snapshot {}",
+                    current.snapshot_id
+                );
+                event_for(
+                    ctx,
+                    seed,
+                    EventType::Normal,
+                    "RolledOut",
+                    "CreateLaunchTemplateVersion",
+                    note,
+                )
+                .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                t.error = Some(e.to_string());
+                failures.push(format!("launch template {id}: {e}"));
+            }
+        }
+        targets.push(t);
+    }
+    st.targets = targets;
+    if failures.is_empty() {
+        let msg = format!("snapshot {}", current.snapshot_id);
+        set_condition(
+            &mut st.conditions,
+            "RolledOut",
+            true,
+            "RolledOut",
+            &msg,
+            generation,
+        );
+    } else {
+        set_condition(
+            &mut st.conditions,
+            "RolledOut",
+            false,
+            "RolloutFailed",
+            &failures.join("; "),
+            generation,
+        );
+    }
 }
 
 /// When a failed Job failed (its Failed condition's transition time).

@@ -1,0 +1,761 @@
+//! Reconcile scenarios against the in-process mock API server
+//! (`coral_controller::fixtures`): each expects exactly the requests it
+//! lists, in order, and fails on a missing or an unexpected one. EC2 calls
+//! go to moto's server through the real AWS SDK.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, StatusCode};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use serde_json::{Value, json};
+
+use coral_controller::crd::{FINALIZER, ImageSeed};
+use coral_controller::fixtures::{ApiServer, Seen, created, empty_list, mock_client, ok};
+use coral_controller::reconcile::{Context, Resolver, reconcile};
+use coral_tests::moto::Moto;
+
+const NS: &str = "coral-system";
+const SEEDS: &str = "/apis/coral.dev/v1alpha1/imageseeds";
+const JOBS: &str = "/apis/batch/v1/namespaces/coral-system/jobs";
+const PODS: &str = "/api/v1/namespaces/coral-system/pods";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+fn seed_json(finalized: bool, status: Value) -> Value {
+    let mut meta =
+        json!({"name": "web", "uid": "uid-web-1", "generation": 1, "resourceVersion": "10"});
+    if finalized {
+        meta["finalizers"] = json!([FINALIZER]);
+    }
+    json!({
+        "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSeed", "metadata": meta,
+        "spec": {"images": ["registry.example:5000/app:1"], "platforms": ["linux/amd64"]},
+        "status": status,
+    })
+}
+
+fn seed(finalized: bool, status: Value) -> ImageSeed {
+    serde_json::from_value(seed_json(finalized, status)).expect("an ImageSeed")
+}
+
+type Table = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// An EC2 client for scenarios that must not reach EC2: its endpoint
+/// refuses connections, so a call fails the scenario.
+fn no_ec2() -> aws_sdk_ec2::Client {
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url("http://127.0.0.1:9")
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "x", "y", None, None, "test",
+        ))
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+fn context(table: &[(&str, &str)]) -> (Arc<Context>, ApiServer, Table) {
+    context_with(table, no_ec2())
+}
+
+fn context_with(
+    table: &[(&str, &str)],
+    ec2: aws_sdk_ec2::Client,
+) -> (Arc<Context>, ApiServer, Table) {
+    let (client, server) = mock_client(NS);
+    let map: BTreeMap<String, String> = table
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let map = Arc::new(Mutex::new(map));
+    let ctx = Context::new(
+        client,
+        NS,
+        Resolver::Fixed(map.clone()),
+        "registry.example/coral-builder:test",
+        PodTemplateSpec::default(),
+        ec2,
+    );
+    (Arc::new(ctx), server, map)
+}
+
+/// The object the apiserver returns after a status patch: the seed with
+/// the patched status.
+fn with_status(seed: &Value, patch: &Value) -> Value {
+    let mut out = seed.clone();
+    out["status"] = patch["status"].clone();
+    out
+}
+
+fn echo_event(server_seen: &Seen) -> (StatusCode, Value) {
+    created(server_seen.body.clone())
+}
+
+/// The seed key the builder computes for `app:1` resolved to `digest`.
+fn key_for(digest: &str) -> String {
+    let name: coral_seed::Reference = "registry.example:5000/app:1".parse().unwrap();
+    let d: coral_seed::Digest = digest.parse().unwrap();
+    coral_seed::manifest::seed_key(&["linux/amd64".parse().unwrap()], [(&name, &d)]).to_string()
+}
+
+fn job_with(name: &str, key: &str, condition: Option<(&str, &str)>) -> Value {
+    let mut job = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": NS, "creationTimestamp": "2026-11-26T00:00:00Z",
+                     "labels": {"coral.dev/imageseed-uid": "uid-web-1",
+                                "coral.dev/seed-key-hash": coral_controller::job::key_hash(key)}},
+        "spec": {"template": {"spec": {"containers": []}}},
+        "status": {},
+    });
+    if let Some((type_, at)) = condition {
+        job["status"] = json!({"conditions": [{"type": type_, "status": "True",
+            "lastTransitionTime": at, "message": "exit 1: coral-builder: error: registry said 500"}],
+            "completionTime": at});
+    }
+    job
+}
+
+fn job_list(items: Vec<Value>) -> Value {
+    let mut l = empty_list("batch/v1", "JobList");
+    l["items"] = Value::Array(items);
+    l
+}
+
+#[tokio::test]
+async fn a_new_seed_gets_the_finalizer_first() {
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let s = seed(false, Value::Null);
+    let scenario = tokio::spawn(async move {
+        let seen = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web"), |_| {
+                ok(seed_json(true, Value::Null))
+            })
+            .await;
+        assert!(seen.body.to_string().contains(FINALIZER), "{}", seen.body);
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn a_new_seed_gets_a_builder_job() {
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let s = seed(true, Value::Null);
+    let obj = seed_json(true, Value::Null);
+    let key = key_for(D1);
+    let scenario = tokio::spawn(async move {
+        let list = api
+            .expect(Method::GET, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        assert!(
+            list.query.contains("coral.dev%2Fseed-key-hash")
+                || list.query.contains("coral.dev/seed-key-hash"),
+            "{}",
+            list.query
+        );
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(job["spec"]["backoffLimit"], 0);
+        let c = &job["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["name"], "builder");
+        assert_eq!(c["securityContext"]["privileged"], true);
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--image", "registry.example:5000/app:1"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--snapshot", "ebs-direct"]),
+            "{args:?}"
+        );
+        assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "uid-web-1");
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "BuildStarted");
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["phase"], "Building");
+        assert_eq!(st["status"]["seedKey"], key.as_str());
+        assert_eq!(st["status"]["images"][0]["resolvedDigest"], D1);
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+/// A snapshot in moto, as a builder's ebs-direct upload leaves it:
+/// completed, tagged with the seed key. Returns its ID.
+async fn moto_snapshot(ec2: &aws_sdk_ec2::Client, key: &str) -> String {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let vol = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .size(2)
+        .send()
+        .await
+        .expect("CreateVolume");
+    let snap = ec2
+        .create_snapshot()
+        .volume_id(vol.volume_id().unwrap())
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Snapshot)
+                .tags(Tag::builder().key("coral/seed-key").value(key).build())
+                .build(),
+        )
+        .send()
+        .await
+        .expect("CreateSnapshot");
+    snap.snapshot_id().unwrap().to_string()
+}
+
+/// The Job's pod, with the builder's report as its termination message.
+fn pods_with_report(job: &str, report: &Value) -> Value {
+    let mut l = empty_list("v1", "PodList");
+    l["items"] = json!([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("{job}-x")},
+        "status": {"containerStatuses": [{"name": "builder", "image": "b", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": 0, "message": report.to_string()}}}]}}]);
+    l
+}
+
+#[tokio::test]
+async fn a_finished_build_records_its_snapshot_once_ec2_shows_it() {
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    let snap = moto_snapshot(&ec2, &key).await;
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let status = json!({"phase": "Building", "seedKey": key});
+    let s = seed(true, status.clone());
+    let obj = seed_json(true, status);
+    let job_name = coral_controller::job::job_name(&s, &key, 1);
+    let (k2, jn, sn) = (key.clone(), job_name.clone(), snap.clone());
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| {
+            ok(job_list(vec![job_with(
+                &jn,
+                &k2,
+                Some(("Complete", "2026-11-26T01:00:00Z")),
+            )]))
+        })
+        .await;
+        let report = json!({"v": 1, "seedKey": k2, "manifestDigest": D2, "snapshotId": sn, "volumeSizeGib": 2});
+        let pods = api
+            .expect(Method::GET, PODS, |_| ok(pods_with_report(&jn, &report)))
+            .await;
+        assert!(pods.query.contains("job-name"), "{}", pods.query);
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "BuildSucceeded");
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["phase"], "Ready");
+        assert_eq!(st["status"]["current"]["snapshotId"], sn.as_str());
+        assert_eq!(st["status"]["history"][0]["complete"], true);
+        assert_eq!(st["status"]["history"][0]["volumeSizeGib"], 2);
+        assert_eq!(st["status"]["images"][0]["inCurrentSnapshot"], true);
+        api.done().await;
+    });
+    reconcile(Arc::new(s.clone()), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+
+    // A report naming a snapshot EC2 does not have (or not for this key) is
+    // never recorded, so never rolled out.
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let obj = seed_json(true, json!({"phase": "Building", "seedKey": key}));
+    let other = moto_snapshot(&ec2, "sha256:someotherkey").await;
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| {
+            ok(job_list(vec![job_with(
+                &job_name,
+                &key,
+                Some(("Complete", "2026-11-26T01:00:00Z")),
+            )]))
+        })
+        .await;
+        let report = json!({"v": 1, "seedKey": key, "manifestDigest": D2, "snapshotId": other});
+        api.expect(Method::GET, PODS, |_| {
+            ok(pods_with_report(&job_name, &report))
+        })
+        .await;
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["phase"], "Failed");
+        assert!(st["status"].get("current").is_none(), "{st}");
+        assert!(st["status"].get("history").is_none(), "{st}");
+        let built = st["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Built")
+            .cloned()
+            .unwrap();
+        assert_eq!(built["reason"], "IncompleteReport");
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+/// Karpenter's EC2NodeClass schema (from ../shared/schemas) checks what
+/// coral writes; a broken copy must fail.
+fn check_node_class(obj: &Value) {
+    let work = tempfile::tempdir().unwrap();
+    let crd = coral_tests::cache::repo_root()
+        .join("../shared/schemas/karpenter.k8s.aws_ec2nodeclasses.yaml");
+    let run = |v: &Value| {
+        let f = work.path().join("nc.yaml");
+        std::fs::write(&f, serde_norway::to_string(v).unwrap()).unwrap();
+        std::process::Command::new(coral_tests::cache::cache_dir().join("venv/bin/python3"))
+            .arg(coral_tests::cache::repo_root().join("tests/fixtures/validate-cr"))
+            .arg(&crd)
+            .arg(&f)
+            .output()
+            .unwrap()
+    };
+    let o = run(obj);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let broken: Value =
+        serde_json::from_str(&obj.to_string().replace("snapshotID", "snapshotId")).unwrap();
+    assert!(
+        !run(&broken).status.success(),
+        "a misspelled snapshotId passed the schema"
+    );
+}
+
+#[tokio::test]
+async fn a_built_snapshot_rolls_out_to_node_classes_and_launch_templates() {
+    use aws_sdk_ec2::types::{
+        LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+        RequestLaunchTemplateData,
+    };
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    let snap = moto_snapshot(&ec2, &key).await;
+    // A launch template with a root volume of its own.
+    let lt = ec2
+        .create_launch_template()
+        .launch_template_name("gpu-nodes")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id("ami-12345678")
+                .block_device_mappings(
+                    LaunchTemplateBlockDeviceMappingRequest::builder()
+                        .device_name("/dev/xvda")
+                        .ebs(
+                            LaunchTemplateEbsBlockDeviceRequest::builder()
+                                .volume_size(50)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("CreateLaunchTemplate");
+    let lt_id = lt
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let entry = json!({"snapshotId": snap, "manifestDigest": D2, "seedKey": key,
+                       "created": "2026-11-26T00:00:00Z", "complete": true, "volumeSizeGib": 2});
+    let status = json!({"phase": "Ready", "seedKey": key, "history": [entry]});
+    let mut v = seed_json(true, status.clone());
+    v["spec"]["targets"] = json!({"ec2NodeClasses": ["default"], "launchTemplates": [lt_id]});
+    v["spec"]["volume"] = json!({"sizeGiB": 40, "throughput": 500, "initializationRate": 300});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    // The class as the user wrote it: AL2023 by alias, no mappings (so
+    // Karpenter's default root volume applies).
+    let class = json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass",
+        "metadata": {"name": "default", "resourceVersion": "77"},
+        "spec": {"amiSelectorTerms": [{"alias": "al2023@latest"}], "role": "KarpenterNodeRole",
+                 "subnetSelectorTerms": [{"tags": {"karpenter.sh/discovery": "demo"}}],
+                 "securityGroupSelectorTerms": [{"tags": {"karpenter.sh/discovery": "demo"}}]}});
+    let (sn, obj, cl) = (snap.clone(), v.clone(), class.clone());
+    let scenario = tokio::spawn(async move {
+        let ncs = "/apis/karpenter.k8s.aws/v1/ec2nodeclasses/default";
+        api.expect(Method::GET, ncs, |_| ok(cl.clone())).await;
+        let patch = api
+            .expect(Method::PATCH, ncs, |p| {
+                let mut out = cl.clone();
+                out["spec"]["blockDeviceMappings"] = p.body["spec"]["blockDeviceMappings"].clone();
+                ok(out)
+            })
+            .await
+            .body;
+        assert_eq!(patch["metadata"]["resourceVersion"], "77", "{patch}");
+        let list = patch["spec"]["blockDeviceMappings"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(list.len(), 2, "{patch}");
+        assert_eq!(
+            list[0]["deviceName"], "/dev/xvda",
+            "the default root volume was written out: {patch}"
+        );
+        assert_eq!(list[0]["rootVolume"], true);
+        assert_eq!(list[1]["deviceName"], "/dev/xvdc");
+        assert_eq!(list[1]["ebs"]["snapshotID"], sn.as_str());
+        assert_eq!(list[1]["ebs"]["volumeSize"], "40Gi");
+        assert_eq!(list[1]["ebs"]["volumeInitializationRate"], 300);
+        let mut patched = cl.clone();
+        patched["spec"]["blockDeviceMappings"] = Value::Array(list);
+        check_node_class(&patched);
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "RolledOut");
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert!(
+            ev["note"].as_str().unwrap().contains("launch template"),
+            "{ev}"
+        );
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["current"]["snapshotId"], sn.as_str());
+        let rolled = st["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "RolledOut")
+            .cloned()
+            .unwrap();
+        assert_eq!(rolled["status"], "True", "{st}");
+        assert_eq!(st["status"]["targets"][1]["version"], 2, "{st}");
+        api.done().await;
+        patched
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    let patched = scenario.await.expect("the scenario");
+
+    // EC2: version 2 is the default, with the root volume kept and coral's.
+    let out = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(&lt_id)
+        .versions("$Default")
+        .send()
+        .await
+        .expect("DescribeLaunchTemplateVersions");
+    let v2 = &out.launch_template_versions()[0];
+    assert_eq!(v2.version_number(), Some(2));
+    let maps = v2.launch_template_data().unwrap().block_device_mappings();
+    let dev = |d: &str| {
+        maps.iter()
+            .find(|m| m.device_name() == Some(d))
+            .and_then(|m| m.ebs())
+            .cloned()
+    };
+    assert_eq!(
+        dev("/dev/xvda").and_then(|e| e.volume_size()),
+        Some(50),
+        "{maps:?}"
+    );
+    let ours = dev("/dev/xvdc").expect("coral's mapping");
+    assert_eq!(ours.snapshot_id(), Some(snap.as_str()));
+    assert_eq!(
+        (ours.volume_size(), ours.delete_on_termination()),
+        (Some(40), Some(true))
+    );
+
+    // Again, with everything in place: nothing is written.
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let mut again = v.clone();
+    again["status"]["current"] = entry.clone();
+    again["status"]["targets"] = json!([
+        {"kind": "EC2NodeClass", "name": "default", "snapshotId": snap},
+        {"kind": "LaunchTemplate", "name": lt_id, "snapshotId": snap, "version": 2}]);
+    let s: ImageSeed = serde_json::from_value(again.clone()).unwrap();
+    let scenario = tokio::spawn(async move {
+        api.expect(
+            Method::GET,
+            "/apis/karpenter.k8s.aws/v1/ec2nodeclasses/default",
+            |_| ok(patched),
+        )
+        .await;
+        // Only the resolve time moved: a status write, and nothing else.
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&again, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["current"]["snapshotId"], snap.as_str());
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+    let out = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(&lt_id)
+        .send()
+        .await
+        .expect("DescribeLaunchTemplateVersions");
+    assert_eq!(
+        out.launch_template_versions().len(),
+        2,
+        "a second rollout made another version"
+    );
+}
+
+#[tokio::test]
+async fn a_manual_rollout_waits_for_the_approve_annotation() {
+    let old = json!({"snapshotId": "snap-old", "manifestDigest": D1, "seedKey": "sha256:old",
+                     "created": "2026-11-25T00:00:00Z", "complete": true});
+    let key = key_for(D1);
+    let new = json!({"snapshotId": "snap-new", "manifestDigest": D2, "seedKey": key,
+                     "created": "2026-11-26T00:00:00Z", "complete": true});
+    let status = json!({"phase": "Ready", "seedKey": key, "current": old, "history": [new, old]});
+    let mut v = seed_json(true, status);
+    v["spec"]["rollout"] = json!({"policy": "Manual"});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let obj = v.clone();
+    let scenario = tokio::spawn(async move {
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "ApprovalRequired");
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["phase"], "AwaitingApproval");
+        assert_eq!(st["status"]["pending"]["snapshotId"], "snap-new");
+        assert_eq!(st["status"]["current"]["snapshotId"], "snap-old");
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+
+    // Approved: the new snapshot becomes current.
+    v["metadata"]["annotations"] = json!({"coral.dev/approve": "snap-new"});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let scenario = tokio::spawn(async move {
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&v, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["current"]["snapshotId"], "snap-new");
+        assert!(
+            st["status"].get("pending").is_none() || st["status"]["pending"].is_null(),
+            "{st}"
+        );
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn a_moved_tag_starts_a_rebuild() {
+    let old = key_for(D1);
+    let (ctx, mut api, table) = context(&[("registry.example:5000/app:1", D1)]);
+    // Built and rolled out for D1; the tag now names D2.
+    table
+        .lock()
+        .unwrap()
+        .insert("registry.example:5000/app:1".into(), D2.into());
+    let snap = json!({"snapshotId": "snap-1", "manifestDigest": D1, "seedKey": old,
+                      "created": "2026-11-26T00:00:00Z", "complete": true});
+    let status = json!({"phase": "Ready", "seedKey": old, "current": snap, "history": [snap]});
+    let s = seed(true, status.clone());
+    let obj = seed_json(true, status);
+    let new = key_for(D2);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(
+            job["metadata"]["annotations"]["coral.dev/seed-key"],
+            new.as_str()
+        );
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["seedKey"], new.as_str());
+        assert_eq!(st["status"]["phase"], "Building");
+        // The old snapshot stays current until the new one is built.
+        assert_eq!(st["status"]["current"]["snapshotId"], "snap-1");
+        assert_eq!(st["status"]["images"][0]["inCurrentSnapshot"], false);
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn a_failed_build_backs_off_then_tries_again() {
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let key = key_for(D1);
+    let s = seed(true, json!({"phase": "Building", "seedKey": key}));
+    let obj = seed_json(true, json!({"phase": "Building", "seedKey": key}));
+    let first = coral_controller::job::job_name(&s, &key, 1);
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let (k2, f2, o2) = (key.clone(), first.clone(), obj.clone());
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| {
+            ok(job_list(vec![job_with(
+                &f2,
+                &k2,
+                Some(("Failed", &just_now)),
+            )]))
+        })
+        .await;
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "BuildFailed");
+        assert_eq!(ev["type"], "Warning");
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&o2, &s.body))
+            })
+            .await
+            .body;
+        let built = st["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Built")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (built["status"].as_str(), built["reason"].as_str()),
+            (Some("False"), Some("BuildFailed"))
+        );
+        assert!(
+            built["message"]
+                .as_str()
+                .unwrap()
+                .contains("registry said 500"),
+            "{built}"
+        );
+        assert_eq!(st["status"]["build"]["failureCount"], 1);
+        assert!(st["status"]["build"]["nextRetry"].is_string());
+        // No Job is created before the backoff ends.
+        api.done().await;
+    });
+    let action = reconcile(Arc::new(s.clone()), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+    assert!(format!("{action:?}").contains("requeue"), "{action:?}");
+
+    // Once the backoff has passed, attempt 2.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let long_ago = "2026-01-01T00:00:00Z";
+    let second = coral_controller::job::job_name(&s, &key, 2);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| {
+            ok(job_list(vec![job_with(
+                &first,
+                &key,
+                Some(("Failed", long_ago)),
+            )]))
+        })
+        .await;
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(job["metadata"]["name"], second.as_str());
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        api.expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+            ok(with_status(&obj, &s.body))
+        })
+        .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn deleting_removes_the_jobs_then_the_finalizer() {
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let mut v = seed_json(true, Value::Null);
+    v["metadata"]["deletionTimestamp"] = json!("2026-11-26T02:00:00Z");
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let scenario = tokio::spawn(async move {
+        let del = api
+            .expect(Method::DELETE, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        assert!(del.query.contains("uid-web-1"), "{}", del.query);
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        let fin = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web"), |_| {
+                let mut done = v.clone();
+                done["metadata"]["finalizers"] = json!([]);
+                ok(done)
+            })
+            .await;
+        assert!(fin.body.to_string().contains("remove"), "{}", fin.body);
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn an_unresolvable_image_is_reported_per_reference_and_retried() {
+    let (ctx, mut api, _) = context(&[]);
+    let s = seed(true, Value::Null);
+    let obj = seed_json(true, Value::Null);
+    let scenario = tokio::spawn(async move {
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        let img = &st["status"]["images"][0];
+        assert_eq!(img["failureCount"], 1);
+        assert!(
+            img["lastError"].as_str().unwrap().contains("not found"),
+            "{img}"
+        );
+        assert!(img["nextRetry"].is_string());
+        assert_eq!(st["status"]["phase"], "Resolving");
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
