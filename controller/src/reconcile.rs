@@ -357,8 +357,9 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
     } else {
         follow_build(seed, ctx, &mut st, &key).await?
     };
-    // 3. Roll out what the policy says.
+    // 3. Roll out what the policy says, 4. then collect old snapshots.
     roll_out(seed, ctx, &mut st, &key).await;
+    collect(seed, ctx, &mut st).await;
     let current_key = st.current.as_ref().map(|c| c.seed_key.clone());
     for i in &mut st.images {
         i.in_current_snapshot =
@@ -765,6 +766,58 @@ async fn roll_out(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus, key
             generation,
         );
     }
+}
+
+/// Deletes this seed's snapshots beyond the newest `snapshot.retention`,
+/// except the current, pending and pinned ones and any still in use (a
+/// volume made from it, a target launch template's default version) or not
+/// tagged as this seed's. Failures are logged and retried next pass.
+async fn collect(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus) {
+    let name = seed.name_any();
+    let keep = seed.spec.snapshot.retention.max(1) as usize;
+    let protected: Vec<&str> = [
+        st.current.as_ref().map(|c| c.snapshot_id.as_str()),
+        st.pending.as_ref().map(|p| p.snapshot_id.as_str()),
+        seed.spec.rollout.pin.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut gone = Vec::new();
+    for (i, h) in st.history.iter().enumerate() {
+        if i < keep || protected.contains(&h.snapshot_id.as_str()) {
+            continue;
+        }
+        let id = h.snapshot_id.clone();
+        match rollout::snapshot_in_use(&ctx.ec2, &id, &seed.spec.targets.launch_templates).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(seed = %name, snapshot = %id, "checking whether it is in use: {e}");
+                continue;
+            }
+        }
+        match rollout::delete_snapshot(&ctx.ec2, &id, &name).await {
+            Ok(true) => {
+                let note = format!("snapshot {id} deleted (beyond the newest {keep}, unused)");
+                event_for(
+                    ctx,
+                    seed,
+                    EventType::Normal,
+                    "SnapshotDeleted",
+                    "DeleteSnapshot",
+                    note,
+                )
+                .await;
+                gone.push(id);
+            }
+            Ok(false) => {
+                tracing::warn!(seed = %name, snapshot = %id, "not tagged as this seed's: kept")
+            }
+            Err(e) => tracing::warn!(seed = %name, snapshot = %id, "deleting: {e}"),
+        }
+    }
+    st.history.retain(|h| !gone.contains(&h.snapshot_id));
 }
 
 /// When a failed Job failed (its Failed condition's transition time).

@@ -314,3 +314,75 @@ pub async fn snapshot_usable(
         _ => Ok(Some(false)),
     }
 }
+
+/// Whether anything still uses snapshot `id`: a volume made from it, or
+/// the default version of one of `launch_templates`.
+pub async fn snapshot_in_use(
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+    launch_templates: &[String],
+) -> Result<bool, Error> {
+    let volumes = ec2
+        .describe_volumes()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("snapshot-id")
+                .values(id)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| ec2_error(&format!("DescribeVolumes (snapshot {id})"), e))?;
+    if !volumes.volumes().is_empty() {
+        return Ok(true);
+    }
+    for lt in launch_templates {
+        let out = ec2
+            .describe_launch_template_versions()
+            .launch_template_id(lt)
+            .versions("$Default")
+            .send()
+            .await
+            .map_err(|e| ec2_error(&format!("DescribeLaunchTemplateVersions {lt}"), e))?;
+        let uses = out.launch_template_versions().iter().any(|v| {
+            v.launch_template_data().is_some_and(|d| {
+                d.block_device_mappings()
+                    .iter()
+                    .any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(id))
+            })
+        });
+        if uses {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Deletes snapshot `id` if it is one of this seed's (tagged
+/// `coral.dev/imageseed=<seed>` by its build). Returns whether it was.
+pub async fn delete_snapshot(
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+    seed: &str,
+) -> Result<bool, Error> {
+    let out = ec2
+        .describe_snapshots()
+        .snapshot_ids(id)
+        .send()
+        .await
+        .map_err(|e| ec2_error(&format!("DescribeSnapshots {id}"), e))?;
+    let ours = out.snapshots().first().is_some_and(|s| {
+        s.tags()
+            .iter()
+            .any(|t| t.key() == Some(crate::job::TAG_IMAGESEED) && t.value() == Some(seed))
+    });
+    if !ours {
+        return Ok(false);
+    }
+    ec2.delete_snapshot()
+        .snapshot_id(id)
+        .send()
+        .await
+        .map_err(|e| ec2_error(&format!("DeleteSnapshot {id}"), e))?;
+    Ok(true)
+}

@@ -759,3 +759,150 @@ async fn an_unresolvable_image_is_reported_per_reference_and_retried() {
     reconcile(Arc::new(s), ctx).await.expect("reconcile");
     scenario.await.expect("the scenario");
 }
+
+#[tokio::test]
+async fn retention_deletes_the_oldest_unused_snapshot_and_keeps_used_ones() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    // Five snapshots, newest first: s1 current; s3 has a volume made from
+    // it; s5 is not tagged as this seed's.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let vol = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(1)
+            .send()
+            .await
+            .unwrap();
+        let mut tags = TagSpecification::builder()
+            .resource_type(ResourceType::Snapshot)
+            .tags(Tag::builder().key("coral/seed-key").value(&key).build());
+        if i != 4 {
+            tags = tags.tags(
+                Tag::builder()
+                    .key("coral.dev/imageseed")
+                    .value("web")
+                    .build(),
+            );
+        }
+        let s = ec2
+            .create_snapshot()
+            .volume_id(vol.volume_id().unwrap())
+            .tag_specifications(tags.build())
+            .send()
+            .await
+            .unwrap();
+        ids.push(s.snapshot_id().unwrap().to_string());
+    }
+    ec2.create_volume()
+        .availability_zone("us-east-1b")
+        .snapshot_id(&ids[2])
+        .send()
+        .await
+        .unwrap();
+    let entry = |id: &str, day: u32| {
+        json!({"snapshotId": id, "manifestDigest": D2, "seedKey": key,
+               "created": format!("2026-11-{day:02}T00:00:00Z"), "complete": true})
+    };
+    let history: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| entry(id, 25 - i as u32))
+        .collect();
+    let status =
+        json!({"phase": "Ready", "seedKey": key, "current": history[0], "history": history});
+    let mut v = seed_json(true, status);
+    v["spec"]["snapshot"] = json!({"retention": 2});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let (ids2, obj) = (ids.clone(), v.clone());
+    let scenario = tokio::spawn(async move {
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "SnapshotDeleted");
+        assert!(ev["note"].as_str().unwrap().contains(&ids2[3]), "{ev}");
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        let left: Vec<&str> = st["status"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["snapshotId"].as_str().unwrap())
+            .collect();
+        assert_eq!(left, [&ids2[0], &ids2[1], &ids2[2], &ids2[4]], "{st}");
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+    let exists = |id: String| {
+        let ec2 = ec2.clone();
+        async move {
+            ec2.describe_snapshots()
+                .owner_ids("self")
+                .send()
+                .await
+                .unwrap()
+                .snapshots()
+                .iter()
+                .any(|s| s.snapshot_id() == Some(id.as_str()))
+        }
+    };
+    assert!(
+        !exists(ids[3].clone()).await,
+        "the oldest unused snapshot of the seed is still there"
+    );
+    for i in [0, 1, 2, 4] {
+        assert!(exists(ids[i].clone()).await, "snapshot {i} was deleted");
+    }
+}
+
+#[tokio::test]
+async fn a_seed_deleted_and_applied_again_is_reconciled_again() {
+    // Applied again, the seed is a new object (new uid) without the
+    // finalizer: it gets it, then a Job of its own.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let mut v = seed_json(false, Value::Null);
+    v["metadata"]["uid"] = json!("uid-web-2");
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let mut finalized = v.clone();
+    finalized["metadata"]["finalizers"] = json!([FINALIZER]);
+    let f2 = finalized.clone();
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::PATCH, &format!("{SEEDS}/web"), |_| ok(f2))
+            .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let s: ImageSeed = serde_json::from_value(finalized.clone()).unwrap();
+    let scenario = tokio::spawn(async move {
+        let list = api
+            .expect(Method::GET, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        assert!(list.query.contains("uid-web-2"), "{}", list.query);
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(
+            job["metadata"]["labels"]["coral.dev/imageseed-uid"],
+            "uid-web-2"
+        );
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        api.expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+            ok(with_status(&finalized, &s.body))
+        })
+        .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
