@@ -3,6 +3,7 @@
 
 pub mod crd;
 pub mod job;
+pub mod nodes;
 pub mod reconcile;
 pub mod rollout;
 

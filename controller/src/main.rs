@@ -8,10 +8,11 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use coral_controller::crd::ImageSeed;
 use coral_controller::job::{ANNOTATION_SEED, LABEL_MANAGED_BY};
+use coral_controller::nodes::reconcile_node;
 use coral_controller::reconcile::{Context, Resolver, error_policy, reconcile};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{Node, PodTemplateSpec};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, CustomResourceExt, ResourceExt};
@@ -33,6 +34,22 @@ enum Command {
     Crd,
     /// Run the operator (in a cluster, or with a kubeconfig).
     Run(RunArgs),
+    /// Run on a node (DaemonSet): put the node mounter's status on this
+    /// Node (annotation `coral.dev/seed-status`, condition `CoralSeeded`).
+    NodeAgent(AgentArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This node's name (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// The node mounter's status file, as mounted from the host.
+    #[arg(long, default_value = "/host/run/coral/status.json")]
+    status_file: PathBuf,
+    /// How often the file is read.
+    #[arg(long, default_value_t = 5)]
+    interval_seconds: u64,
 }
 
 #[derive(Args)]
@@ -68,6 +85,9 @@ fn main() -> ExitCode {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run(args))),
+        Command::NodeAgent(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(node_agent(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,10 +125,21 @@ async fn run(args: RunArgs) -> Result<()> {
         aws_sdk_ec2::Client::new(&aws_config::load_from_env().await),
     ));
     let seeds: Api<ImageSeed> = Api::all(client.clone());
-    let jobs: Api<Job> = Api::namespaced(client, &args.namespace);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &args.namespace);
+    let nodes: Api<Node> = Api::all(client);
+    // Nodes: lift startup taints (a node's own changes, the agent's
+    // annotation included, wake it; deadlines requeue it).
+    let gating = Controller::new(nodes, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile_node, node_error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::warn!("node reconcile: {e}");
+            }
+        });
     // Jobs map to their ImageSeed by annotation: `owns` would look the
     // cluster-scoped owner up in the Job's namespace and never find it.
-    Controller::new(seeds, watcher::Config::default().any_semantic())
+    let seeding = Controller::new(seeds, watcher::Config::default().any_semantic())
         .watches(
             jobs,
             watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=coral")),
@@ -125,7 +156,32 @@ async fn run(args: RunArgs) -> Result<()> {
                 Ok((obj, action)) => tracing::info!(seed = %obj.name, ?action, "reconciled"),
                 Err(e) => tracing::warn!("reconcile: {e}"),
             }
-        })
-        .await;
+        });
+    tokio::join!(seeding, gating);
     Ok(())
+}
+
+fn node_error_policy(
+    _node: Arc<Node>,
+    error: &coral_controller::reconcile::Error,
+    _ctx: Arc<Context>,
+) -> kube::runtime::controller::Action {
+    tracing::warn!("node reconcile failed: {error}");
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(30))
+}
+
+async fn node_agent(args: AgentArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let mut tick =
+        tokio::time::interval(std::time::Duration::from_secs(args.interval_seconds.max(1)));
+    loop {
+        tick.tick().await;
+        if let Err(e) =
+            coral_controller::nodes::report(&client, &args.node, &args.status_file).await
+        {
+            tracing::warn!(node = %args.node, "reporting the seed status: {e}");
+        }
+    }
 }

@@ -906,3 +906,171 @@ async fn a_seed_deleted_and_applied_again_is_reconciled_again() {
     reconcile(Arc::new(s), ctx).await.expect("reconcile");
     scenario.await.expect("the scenario");
 }
+
+const NODES: &str = "/api/v1/nodes";
+
+fn node_json(created: &str, status_annotation: Option<&Value>) -> Value {
+    let mut n = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "ip-10-0-0-1", "uid": "node-uid-1", "creationTimestamp": created,
+                     "annotations": {}},
+        "spec": {"providerID": "aws:///us-east-1b/i-0123456789abcdef0",
+                 "taints": [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"},
+                            {"key": "coral.dev/seeding", "effect": "NoSchedule"}]},
+    });
+    if let Some(a) = status_annotation {
+        n["metadata"]["annotations"]["coral.dev/seed-status"] = json!(a.to_string());
+    }
+    n
+}
+
+fn seeds_list_with_taint() -> Value {
+    let mut seed = seed_json(true, Value::Null);
+    seed["spec"]["startupTaint"] = json!({"key": "coral.dev/seeding", "deadline": "10m"});
+    json!({"apiVersion": "coral.dev/v1alpha1", "kind": "ImageSeedList",
+           "metadata": {"resourceVersion": "5"}, "items": [seed]})
+}
+
+#[tokio::test]
+async fn the_startup_taint_goes_when_the_node_is_seeded() {
+    let (ctx, mut api, _) = context(&[]);
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let summary = json!({"phase": "done", "exitCode": 0, "images": {"seeded": 3}});
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(node_json(&just_now, Some(&summary))).unwrap();
+    let n2 = node_json(&just_now, Some(&summary));
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, SEEDS, |_| ok(seeds_list_with_taint()))
+            .await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{NODES}/ip-10-0-0-1"), |_| ok(n2))
+            .await
+            .body;
+        // Only coral's taint (index 1), guarded by a test of that entry.
+        assert_eq!(patch[0]["op"], "test", "{patch}");
+        assert_eq!(patch[0]["path"], "/spec/taints/1");
+        assert_eq!(patch[0]["value"]["key"], "coral.dev/seeding");
+        assert_eq!(patch[1], json!({"op": "remove", "path": "/spec/taints/1"}));
+        assert_eq!(patch.as_array().unwrap().len(), 2);
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "StartupTaintRemoved");
+        api.done().await;
+    });
+    coral_controller::nodes::reconcile_node(Arc::new(node), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn the_startup_taint_waits_for_the_node_then_goes_at_its_deadline() {
+    // A young node that has not reported: the taint stays, and the node is
+    // looked at again by the deadline.
+    let (ctx, mut api, _) = context(&[]);
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let importing = json!({"phase": "importing"});
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(node_json(&just_now, Some(&importing))).unwrap();
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, SEEDS, |_| ok(seeds_list_with_taint()))
+            .await;
+        api.done().await;
+    });
+    let action = coral_controller::nodes::reconcile_node(Arc::new(node), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+    let text = format!("{action:?}");
+    assert!(
+        text.contains("requeue")
+            && (text.contains("599") || text.contains("600") || text.contains("598")),
+        "{text}"
+    );
+
+    // Eleven minutes old and still not seeded: the deadline lifts it.
+    let (ctx, mut api, _) = context(&[]);
+    let old = (k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::from_secs(660))
+    .to_string();
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(node_json(&old, Some(&importing))).unwrap();
+    let n2 = node_json(&old, None);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, SEEDS, |_| ok(seeds_list_with_taint()))
+            .await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{NODES}/ip-10-0-0-1"), |_| ok(n2))
+            .await
+            .body;
+        assert_eq!(patch[1], json!({"op": "remove", "path": "/spec/taints/1"}));
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(
+            (ev["reason"].as_str(), ev["type"].as_str()),
+            (Some("StartupTaintDeadline"), Some("Warning"))
+        );
+        api.done().await;
+    });
+    coral_controller::nodes::reconcile_node(Arc::new(node), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+}
+
+#[tokio::test]
+async fn the_node_agent_puts_the_mounter_status_on_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("status.json");
+    std::fs::write(
+        &file,
+        json!({"phase": "done", "startedAt": "2026-11-26T05:00:00Z", "updatedAt": "2026-11-26T05:00:03Z",
+               "exitCode": 10, "images": [{"reference": "a:1", "state": "seeded"},
+                                           {"reference": "b:1", "state": "pulled"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let (client, mut api) = mock_client(NS);
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let n = node_json(&just_now, None);
+    let (n2, n3) = (n.clone(), n.clone());
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, &format!("{NODES}/ip-10-0-0-1"), |_| ok(n))
+            .await;
+        let a = api
+            .expect(Method::PATCH, &format!("{NODES}/ip-10-0-0-1"), |_| ok(n2))
+            .await
+            .body;
+        let summary: Value = serde_json::from_str(
+            a["metadata"]["annotations"]["coral.dev/seed-status"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(summary["phase"], "done");
+        assert_eq!(summary["exitCode"], 10);
+        assert_eq!(summary["images"], json!({"seeded": 1, "pulled": 1}));
+        let c = api
+            .expect(
+                Method::PATCH,
+                &format!("{NODES}/ip-10-0-0-1/status"),
+                |_| ok(n3),
+            )
+            .await
+            .body;
+        let cond = &c["status"]["conditions"][0];
+        assert_eq!(
+            (
+                cond["type"].as_str(),
+                cond["status"].as_str(),
+                cond["reason"].as_str()
+            ),
+            (Some("CoralSeeded"), Some("False"), Some("FellBack")),
+            "{c}"
+        );
+        api.done().await;
+    });
+    let wrote = coral_controller::nodes::report(&client, "ip-10-0-0-1", &file)
+        .await
+        .expect("report");
+    assert!(wrote);
+    scenario.await.expect("the scenario");
+}
