@@ -129,14 +129,19 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default();
-    if taints.is_empty() {
-        return Ok(Action::await_change());
-    }
     let seeds: Api<ImageSeed> = Api::all(ctx.client.clone());
-    let gates: Vec<(String, Duration)> = seeds
-        .list(&ListParams::default())
-        .await?
-        .items
+    let all = seeds.list(&ListParams::default()).await?.items;
+    // Attach mode first: the volume is what the node waits for.
+    let mut wait: Option<Duration> = None;
+    for seed in &all {
+        if let Some(w) = attach(seed, &node, &ctx).await? {
+            wait = Some(wait.map_or(w, |x: Duration| x.min(w)));
+        }
+    }
+    if taints.is_empty() {
+        return Ok(wait.map_or_else(Action::await_change, Action::requeue));
+    }
+    let gates: Vec<(String, Duration)> = all
         .iter()
         .filter_map(|s| {
             let t = s.spec.startup_taint.as_ref()?;
@@ -159,7 +164,6 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
         .and_then(|d| Duration::try_from(d).ok())
         .unwrap_or(Duration::ZERO);
     let mut remove = Vec::new();
-    let mut wait: Option<Duration> = None;
     for (i, t) in taints.iter().enumerate() {
         let Some((_, deadline)) = gates.iter().find(|(k, _)| *k == t.key) else {
             continue;
@@ -215,4 +219,233 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
         Some(w) => Action::requeue(w),
         None => Action::await_change(),
     })
+}
+
+/// Attach mode: the volume coral made for this node.
+pub const ANNOTATION_VOLUME: &str = "coral.dev/volume-id";
+/// Attach mode: `attached` once it is.
+pub const ANNOTATION_VOLUME_STATE: &str = "coral.dev/volume-state";
+
+/// `aws:///us-east-1a/i-0abc…` → (zone, instance).
+pub fn parse_provider_id(id: &str) -> Option<(String, String)> {
+    let rest = id.strip_prefix("aws:///")?;
+    let (zone, instance) = rest.split_once('/')?;
+    (!zone.is_empty() && instance.starts_with("i-"))
+        .then(|| (zone.to_string(), instance.to_string()))
+}
+
+fn ec2_err<E>(what: &str, e: aws_sdk_ec2::error::SdkError<E>) -> Error
+where
+    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
+{
+    Error::Other(format!(
+        "{what}: {}",
+        aws_sdk_ec2::error::DisplayErrorContext(&e)
+    ))
+}
+
+fn selector_matches(selector: &std::collections::BTreeMap<String, String>, node: &Node) -> bool {
+    let labels = node.labels();
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Attach mode for one node and one ImageSeed: a node matching the seed's
+/// `targets.attach.nodeSelector` that came up without a volume made from
+/// one of the seed's snapshots gets one, made from the current snapshot in
+/// the node's zone, attached to its instance, deleted with it, tagged, and
+/// recorded on the Node (annotations). Returns a wait when the volume is
+/// not available yet.
+pub async fn attach(
+    seed: &ImageSeed,
+    node: &Node,
+    ctx: &Context,
+) -> Result<Option<Duration>, Error> {
+    let Some(attach) = &seed.spec.targets.attach else {
+        return Ok(None);
+    };
+    let Some(current) = seed.status.as_ref().and_then(|s| s.current.clone()) else {
+        return Ok(None);
+    };
+    if !selector_matches(&attach.node_selector, node)
+        || node
+            .annotations()
+            .get(ANNOTATION_VOLUME_STATE)
+            .map(String::as_str)
+            == Some("attached")
+    {
+        return Ok(None);
+    }
+    let provider = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.provider_id.clone())
+        .unwrap_or_default();
+    let Some((zone, instance)) = parse_provider_id(&provider) else {
+        return Ok(None);
+    };
+    let ec2 = &ctx.ec2;
+    let name = node.name_any();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let device = seed.spec.volume.device_name.clone();
+    let ours: Vec<String> = seed
+        .status
+        .iter()
+        .flat_map(|s| s.history.iter().map(|h| h.snapshot_id.clone()))
+        .collect();
+    let volume = match node.annotations().get(ANNOTATION_VOLUME) {
+        Some(v) => v.clone(),
+        None => {
+            // Came up with a seed volume already (launched with the mapping)?
+            let inst = ec2
+                .describe_instances()
+                .instance_ids(&instance)
+                .send()
+                .await
+                .map_err(|e| ec2_err(&format!("DescribeInstances {instance}"), e))?;
+            let attached: Vec<String> = inst
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .flat_map(|i| i.block_device_mappings())
+                .filter_map(|m| m.ebs().and_then(|e| e.volume_id()).map(str::to_owned))
+                .collect();
+            if !attached.is_empty() {
+                let vols = ec2
+                    .describe_volumes()
+                    .set_volume_ids(Some(attached))
+                    .send()
+                    .await
+                    .map_err(|e| ec2_err("DescribeVolumes", e))?;
+                if vols
+                    .volumes()
+                    .iter()
+                    .any(|v| v.snapshot_id().is_some_and(|s| ours.iter().any(|o| o == s)))
+                {
+                    return Ok(None);
+                }
+            }
+            use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification, VolumeType};
+            let token = {
+                use sha2::Digest as _;
+                hex::encode(
+                    &sha2::Sha256::digest(
+                        format!("{}/{}", node.uid().unwrap_or_default(), current.snapshot_id)
+                            .as_bytes(),
+                    )[..16],
+                )
+            };
+            let v = &seed.spec.volume;
+            let size = v.size_gib.max(current.volume_size_gib.unwrap_or(0));
+            let created = ec2
+                .create_volume()
+                .availability_zone(&zone)
+                .snapshot_id(&current.snapshot_id)
+                .set_size((size > 0).then_some(size as i32))
+                .volume_type(VolumeType::from(match v.r#type {
+                    crate::crd::VolumeType::Gp3 => "gp3",
+                    crate::crd::VolumeType::Gp2 => "gp2",
+                    crate::crd::VolumeType::Io1 => "io1",
+                    crate::crd::VolumeType::Io2 => "io2",
+                }))
+                .set_iops(v.iops.map(|i| i as i32))
+                .set_throughput(v.throughput.map(|t| t as i32))
+                .set_volume_initialization_rate(v.initialization_rate.map(|r| r as i32))
+                .client_token(token)
+                .tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::Volume)
+                        .tags(
+                            Tag::builder()
+                                .key(crate::job::TAG_IMAGESEED)
+                                .value(seed.name_any())
+                                .build(),
+                        )
+                        .tags(Tag::builder().key("coral.dev/node").value(&name).build())
+                        .tags(
+                            Tag::builder()
+                                .key("coral.dev/managed")
+                                .value("attach")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| ec2_err(&format!("CreateVolume in {zone}"), e))?;
+            let id = created
+                .volume_id()
+                .ok_or_else(|| Error::Other("CreateVolume returned no volume ID".into()))?
+                .to_string();
+            // Recorded at once: a crash from here on finds it, not a second one.
+            let patch = json!({"metadata": {"annotations": {ANNOTATION_VOLUME: id}}});
+            nodes
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            id
+        }
+    };
+    let described = ec2
+        .describe_volumes()
+        .volume_ids(&volume)
+        .send()
+        .await
+        .map_err(|e| ec2_err(&format!("DescribeVolumes {volume}"), e))?;
+    let state = described
+        .volumes()
+        .first()
+        .and_then(|v| v.state())
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default();
+    match state.as_str() {
+        "available" => {}
+        "in-use" => {}
+        "creating" | "" => return Ok(Some(Duration::from_secs(5))),
+        other => return Err(Error::Other(format!("volume {volume} is {other}"))),
+    }
+    if state == "available" {
+        ec2.attach_volume()
+            .device(&device)
+            .instance_id(&instance)
+            .volume_id(&volume)
+            .send()
+            .await
+            .map_err(|e| ec2_err(&format!("AttachVolume {volume} to {instance}"), e))?;
+    }
+    use aws_sdk_ec2::types::{
+        EbsInstanceBlockDeviceSpecification, InstanceBlockDeviceMappingSpecification,
+    };
+    ec2.modify_instance_attribute()
+        .instance_id(&instance)
+        .block_device_mappings(
+            InstanceBlockDeviceMappingSpecification::builder()
+                .device_name(&device)
+                .ebs(
+                    EbsInstanceBlockDeviceSpecification::builder()
+                        .volume_id(&volume)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| ec2_err(&format!("ModifyInstanceAttribute {instance}"), e))?;
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_VOLUME_STATE: "attached"}}});
+    nodes
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let e = Event {
+        type_: EventType::Normal,
+        reason: "VolumeAttached".into(),
+        note: Some(format!(
+            "volume {volume} from snapshot {} attached at {device}",
+            current.snapshot_id
+        )),
+        action: "AttachVolume".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&e, &node.object_ref(&())).await {
+        tracing::warn!("publishing event VolumeAttached: {err}");
+    }
+    Ok(None)
 }

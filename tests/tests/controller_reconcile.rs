@@ -1074,3 +1074,115 @@ async fn the_node_agent_puts_the_mounter_status_on_its_node() {
     assert!(wrote);
     scenario.await.expect("the scenario");
 }
+
+#[tokio::test]
+async fn attach_mode_gives_a_node_without_a_volume_one_in_its_zone() {
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    let snap = moto_snapshot(&ec2, &key).await;
+    let run = ec2
+        .run_instances()
+        .image_id("ami-12345678")
+        .min_count(1)
+        .max_count(1)
+        .placement(
+            aws_sdk_ec2::types::Placement::builder()
+                .availability_zone("us-east-1b")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RunInstances");
+    let instance = run.instances()[0].instance_id().unwrap().to_string();
+    let entry = json!({"snapshotId": snap, "manifestDigest": D2, "seedKey": key,
+                       "created": "2026-11-26T00:00:00Z", "complete": true, "volumeSizeGib": 2});
+    let mut seed = seed_json(
+        true,
+        json!({"phase": "Ready", "current": entry, "history": [entry]}),
+    );
+    seed["spec"]["targets"] = json!({"attach": {"nodeSelector": {"coral.dev/attach": "true"}}});
+    seed["spec"]["volume"] = json!({"sizeGiB": 8});
+    let seeds = json!({"apiVersion": "coral.dev/v1alpha1", "kind": "ImageSeedList",
+                       "metadata": {"resourceVersion": "5"}, "items": [seed]});
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut n = node_json(&just_now, None);
+    n["metadata"]["labels"] = json!({"coral.dev/attach": "true"});
+    n["spec"]["providerID"] = json!(format!("aws:///us-east-1b/{instance}"));
+    n["spec"]["taints"] = json!([]);
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(n.clone()).unwrap();
+    let (ctx, mut api, _) = context_with(&[], ec2.clone());
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, SEEDS, |_| ok(seeds)).await;
+        let first = api
+            .expect(Method::PATCH, &format!("{NODES}/ip-10-0-0-1"), |_| {
+                ok(n.clone())
+            })
+            .await
+            .body;
+        let volume = first["metadata"]["annotations"]["coral.dev/volume-id"]
+            .as_str()
+            .expect("the volume, recorded at once")
+            .to_string();
+        let second = api
+            .expect(Method::PATCH, &format!("{NODES}/ip-10-0-0-1"), |_| {
+                ok(n.clone())
+            })
+            .await
+            .body;
+        assert_eq!(
+            second["metadata"]["annotations"]["coral.dev/volume-state"],
+            "attached"
+        );
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "VolumeAttached");
+        api.done().await;
+        volume
+    });
+    coral_controller::nodes::reconcile_node(Arc::new(node), ctx)
+        .await
+        .expect("reconcile");
+    let volume = scenario.await.expect("the scenario");
+
+    let v = ec2
+        .describe_volumes()
+        .volume_ids(&volume)
+        .send()
+        .await
+        .unwrap();
+    let v = &v.volumes()[0];
+    assert_eq!(v.availability_zone(), Some("us-east-1b"));
+    assert_eq!(v.snapshot_id(), Some(snap.as_str()));
+    assert_eq!(v.size(), Some(8));
+    let att = &v.attachments()[0];
+    assert_eq!(
+        (att.instance_id(), att.device()),
+        (Some(instance.as_str()), Some("/dev/xvdc"))
+    );
+    let tags: Vec<(&str, &str)> = v
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value()?)))
+        .collect();
+    assert!(
+        tags.contains(&("coral.dev/imageseed", "web"))
+            && tags.contains(&("coral.dev/managed", "attach")),
+        "{tags:?}"
+    );
+    let inst = ec2
+        .describe_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+    let maps = inst.reservations()[0].instances()[0].block_device_mappings();
+    let ours = maps
+        .iter()
+        .find(|m| m.device_name() == Some("/dev/xvdc"))
+        .expect("the mapping");
+    assert_eq!(
+        ours.ebs().and_then(|e| e.delete_on_termination()),
+        Some(true),
+        "{maps:?}"
+    );
+}
