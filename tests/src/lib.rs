@@ -65,3 +65,16 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(bin.exists(), "{} was not built", bin.display());
     Ok(bin)
 }
+
+/// A container ID no other test process uses at the same time: runc keeps
+/// its state under `/run/containerd/runc/<namespace>` whatever containerd's
+/// own state directory, so test containerds running at once share it.
+pub fn container_id(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

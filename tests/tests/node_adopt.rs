@@ -102,7 +102,7 @@ async fn check_runs(c: &Containerd, corpus: &Corpus, reg_host: &str) -> Result<(
                     "run",
                     "--rm",
                     &reference,
-                    &format!("t{attempt}-{}", image.name),
+                    &coral_tests::container_id(&format!("t{attempt}-{}", image.name)),
                 ])
                 .args(&check.argv))
             .with_context(|| {
@@ -419,7 +419,7 @@ fn check_runs_one(c: &Containerd, corpus: &Corpus, host: &str, name: &str) -> Re
             "run",
             "--rm",
             &reference,
-            &format!("one-{name}"),
+            &coral_tests::container_id(&format!("one-{name}")),
         ])
         .args(&check.argv))?;
     ensure!(out == check.stdout, "{reference} printed {out:?}");

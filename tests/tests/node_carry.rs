@@ -136,7 +136,8 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
             .context("minbase runs")?;
         let printed = run(c
             .ctr()
-            .args(["-n", "k8s.io", "run", "--rm", &cached, "carried"])
+            .args(["-n", "k8s.io", "run", "--rm", &cached])
+            .arg(coral_tests::container_id("carried"))
             .args(&check.argv))?;
         ensure!(printed == check.stdout, "{cached} printed {printed:?}");
         drop(c);

@@ -231,7 +231,7 @@ async fn every_fixture_image_is_pulled_by_containerd_and_runnable_ones_run() -> 
             );
 
             if let Some(check) = &image.run {
-                let id = format!("fixture-{}", image.name);
+                let id = coral_tests::container_id(&format!("fixture-{}", image.name));
                 let out = run(c
                     .ctr()
                     .args(["--namespace", "k8s.io", "run", "--rm"])
