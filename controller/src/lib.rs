@@ -3,6 +3,8 @@
 
 pub mod crd;
 pub mod job;
+pub mod lease;
+pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
 pub mod rollout;

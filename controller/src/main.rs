@@ -67,6 +67,12 @@ struct RunArgs {
     /// A docker config.json for resolving tags (default: none, anonymous).
     #[arg(long, value_name = "FILE")]
     registry_config: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: String,
+    /// This replica's name in the leader Lease (default: the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +122,55 @@ async fn run(args: RunArgs) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_addr))?;
+    tokio::spawn(coral_controller::metrics::serve(listener));
+    // Only the holder of the Lease acts; a standby waits for it.
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("coral-controller-{}", std::process::id()));
+    let lease_for = std::time::Duration::from_secs(15);
+    let elector = coral_controller::lease::Elector::new(
+        client.clone(),
+        &args.namespace,
+        "coral-controller",
+        &identity,
+        lease_for,
+    );
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("taking the leader Lease: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    coral_controller::metrics::METRICS
+        .leader
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%identity, "leading");
+    // Renewal: losing the Lease (or failing to renew it for its whole
+    // duration) stops this replica, so two never act at once.
+    let keep = async {
+        let mut last_ok = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            match elector.try_acquire_or_renew().await {
+                Ok(true) => last_ok = std::time::Instant::now(),
+                Ok(false) => return anyhow::anyhow!("another replica took the leader Lease"),
+                Err(e) => {
+                    tracing::warn!("renewing the leader Lease: {e}");
+                    if last_ok.elapsed() >= lease_for {
+                        return anyhow::anyhow!(
+                            "the leader Lease could not be renewed for {lease_for:?}"
+                        );
+                    }
+                }
+            }
+        }
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         &args.namespace,
@@ -157,8 +212,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 Err(e) => tracing::warn!("reconcile: {e}"),
             }
         });
-    tokio::join!(seeding, gating);
-    Ok(())
+    tokio::select! {
+        _ = async { tokio::join!(seeding, gating) } => Ok(()),
+        lost = keep => Err(lost),
+    }
 }
 
 fn node_error_policy(

@@ -151,11 +151,24 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
             ))
         })
         .collect();
-    let reported_done = node
+    let reported = node
         .annotations()
         .get(ANNOTATION_STATUS)
-        .and_then(|a| serde_json::from_str::<Value>(a).ok())
-        .is_some_and(|s| s["phase"] == "done");
+        .and_then(|a| serde_json::from_str::<Value>(a).ok());
+    let reported_done = reported.as_ref().is_some_and(|s| s["phase"] == "done");
+    if let Some(r) = &reported {
+        let state = match (r["phase"].as_str(), r["exitCode"].as_u64()) {
+            (Some("done"), Some(0)) => "seeded",
+            (Some("done"), _) => "fellBack",
+            (Some("failed"), _) => "failed",
+            _ => "pending",
+        };
+        crate::metrics::METRICS
+            .node_states
+            .lock()
+            .expect("not poisoned")
+            .insert(node.name_any(), state);
+    }
     let age = node
         .metadata
         .creation_timestamp
@@ -195,6 +208,11 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
         )
         .await?;
         for (_, t, reason, type_) in &remove {
+            crate::metrics::inc(if *reason == "StartupTaintRemoved" {
+                &crate::metrics::METRICS.taints_removed_seeded
+            } else {
+                &crate::metrics::METRICS.taints_removed_deadline
+            });
             let note = if *reason == "StartupTaintRemoved" {
                 format!("taint {} removed: the node is seeded", t.key)
             } else {
@@ -434,6 +452,7 @@ pub async fn attach(
     nodes
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    crate::metrics::inc(&crate::metrics::METRICS.volumes_attached);
     let e = Event {
         type_: EventType::Normal,
         reason: "VolumeAttached".into(),

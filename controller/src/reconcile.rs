@@ -210,6 +210,7 @@ pub async fn reconcile(seed: Arc<ImageSeed>, ctx: Arc<Context>) -> Result<Action
 
 /// What the controller does when a reconcile fails: try again, later.
 pub fn error_policy(_seed: Arc<ImageSeed>, error: &Error, _ctx: Arc<Context>) -> Action {
+    crate::metrics::inc(&crate::metrics::METRICS.reconcile_errors);
     tracing::warn!("reconcile failed: {error}");
     Action::requeue(Duration::from_secs(30))
 }
@@ -242,6 +243,7 @@ async fn event_for(
 }
 
 async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
+    crate::metrics::inc(&crate::metrics::METRICS.reconciles);
     let name = seed.name_any();
     let generation = seed.metadata.generation;
     let before = seed.status.clone().unwrap_or_default();
@@ -482,6 +484,7 @@ async fn follow_build(
                 st.history.retain(|h| h.snapshot_id != snap.snapshot_id);
                 st.history.insert(0, snap.clone());
                 st.build = None;
+                crate::metrics::inc(&crate::metrics::METRICS.builds_succeeded);
                 event(
                     ctx,
                     seed,
@@ -551,6 +554,7 @@ async fn follow_build(
                 wait.as_secs()
             );
             if st.build.as_ref().map(|b| b.failure_count) != Some(failures) {
+                crate::metrics::inc(&crate::metrics::METRICS.builds_failed);
                 event(
                     ctx,
                     seed,
@@ -589,6 +593,7 @@ async fn follow_build(
     );
     let job_name = job.name_any();
     jobs.create(&PostParams::default(), &job).await?;
+    crate::metrics::inc(&crate::metrics::METRICS.builds_started);
     event(
         ctx,
         seed,
@@ -675,6 +680,11 @@ async fn roll_out(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus, key
     let Some(current) = st.current.clone() else {
         return;
     };
+    crate::metrics::METRICS
+        .snapshot_created
+        .lock()
+        .expect("not poisoned")
+        .insert(seed.name_any(), current.created.0.as_second());
     let mut targets = Vec::new();
     let mut failures = Vec::new();
     for name in &seed.spec.targets.ec2_node_classes {
@@ -809,6 +819,7 @@ async fn collect(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus) {
                     note,
                 )
                 .await;
+                crate::metrics::inc(&crate::metrics::METRICS.snapshots_deleted);
                 gone.push(id);
             }
             Ok(false) => {

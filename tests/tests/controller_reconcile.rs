@@ -1186,3 +1186,122 @@ async fn attach_mode_gives_a_node_without_a_volume_one_in_its_zone() {
         "{maps:?}"
     );
 }
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/coral-system/leases/coral-controller";
+
+fn lease(holder: &str, renewed_secs_ago: i64, transitions: i32) -> Value {
+    let renewed = k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+           "metadata": {"name": "coral-controller", "namespace": NS, "resourceVersion": "42"},
+           "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                    "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                    "leaseTransitions": transitions}})
+}
+
+#[tokio::test]
+async fn only_one_replica_holds_the_leader_lease() {
+    use coral_controller::lease::Elector;
+    let elector = |client| {
+        Elector::new(
+            client,
+            NS,
+            "coral-controller",
+            "replica-a",
+            std::time::Duration::from_secs(15),
+        )
+    };
+
+    // No Lease yet: created, held.
+    let (client, mut api) = mock_client(NS);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, LEASE, |_| {
+            coral_controller::fixtures::not_found("lease")
+        })
+        .await;
+        let made = api
+            .expect(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/coral-system/leases",
+                |s| created(s.body.clone()),
+            )
+            .await
+            .body;
+        assert_eq!(made["spec"]["holderIdentity"], "replica-a");
+        api.done().await;
+    });
+    assert!(elector(client).try_acquire_or_renew().await.unwrap());
+    scenario.await.unwrap();
+
+    // Held by another replica that renews: not taken, nothing written.
+    let (client, mut api) = mock_client(NS);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, LEASE, |_| ok(lease("replica-b", 3, 4)))
+            .await;
+        api.done().await;
+    });
+    assert!(!elector(client).try_acquire_or_renew().await.unwrap());
+    scenario.await.unwrap();
+
+    // Held by one that stopped renewing a minute ago: taken over, with the
+    // resourceVersion read (a racing replica gets a conflict).
+    let (client, mut api) = mock_client(NS);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, LEASE, |_| ok(lease("replica-b", 60, 4)))
+            .await;
+        let put = api
+            .expect(Method::PUT, LEASE, |s| ok(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(put["spec"]["holderIdentity"], "replica-a");
+        assert_eq!(put["spec"]["leaseTransitions"], 5);
+        assert_eq!(put["metadata"]["resourceVersion"], "42");
+        api.done().await;
+    });
+    assert!(elector(client).try_acquire_or_renew().await.unwrap());
+    scenario.await.unwrap();
+
+    // Two racing: the write conflicts, so this one does not hold it.
+    let (client, mut api) = mock_client(NS);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, LEASE, |_| ok(lease("replica-b", 60, 4)))
+            .await;
+        api.expect(Method::PUT, LEASE, |_| {
+            (StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}))
+        })
+        .await;
+        api.done().await;
+    });
+    assert!(!elector(client).try_acquire_or_renew().await.unwrap());
+    scenario.await.unwrap();
+}
+
+#[test]
+fn metrics_are_prometheus_text() {
+    use coral_controller::metrics::{Metrics, render};
+    let m = Metrics::default();
+    m.reconciles.store(7, std::sync::atomic::Ordering::Relaxed);
+    m.node_states.lock().unwrap().insert("n1".into(), "seeded");
+    m.node_states
+        .lock()
+        .unwrap()
+        .insert("n2".into(), "fellBack");
+    let text = render(&m);
+    assert!(
+        text.contains("# TYPE coral_reconciles_total counter\ncoral_reconciles_total 7\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("coral_nodes{state=\"seeded\"} 1")
+            && text.contains("coral_nodes{state=\"fellBack\"} 1"),
+        "{text}"
+    );
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(
+            name.starts_with("coral_") && value.parse::<f64>().is_ok(),
+            "{line}"
+        );
+    }
+}
