@@ -318,6 +318,9 @@ pub struct TargetState {
     /// Launch templates: the version coral made the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// Launch templates: the default before coral's first version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_version: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

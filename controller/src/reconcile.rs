@@ -725,14 +725,25 @@ async fn roll_out(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus, key
             snapshot_id: current.snapshot_id.clone(),
             ..TargetState::default()
         };
-        t.version = st
+        if let Some(b) = st
             .targets
             .iter()
             .find(|x| x.kind == t.kind && x.name == t.name)
-            .and_then(|b| b.version);
+        {
+            t.version = b.version;
+            t.original_version = b.original_version;
+        }
         match rollout::launch_template(&ctx.ec2, id, seed, &current).await {
-            Ok(Some(v)) => {
+            Ok(Some((v, replaced))) => {
                 t.version = Some(v);
+                // The default before coral's first version: what `Delete`
+                // restores.
+                t.original_version = st
+                    .targets
+                    .iter()
+                    .find(|x| x.kind == t.kind && x.name == t.name)
+                    .and_then(|b| b.original_version)
+                    .or(Some(replaced));
                 let note = format!(
                     "launch template {id} version {v} (default) has snapshot {}",
                     current.snapshot_id
@@ -862,8 +873,13 @@ async fn write_status(
     Ok(())
 }
 
-/// Deleting an ImageSeed: its builder Jobs go (snapshots and launch
-/// template versions per the deletion policy: not yet), then the finalizer.
+/// Deleting an ImageSeed: its builder Jobs go; under `deletionPolicy:
+/// Delete` also coral's device leaves the target EC2NodeClasses (which
+/// drifts their nodes), each target launch template gets its original
+/// default version back, and the seed's snapshots nothing uses are
+/// deleted. The finalizer always completes: failures are retried, and ten
+/// minutes after the deletion what is left is named in a Warning event and
+/// the finalizer goes anyway.
 async fn cleanup(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let selector = format!("{}={}", job::LABEL_SEED_UID, seed.uid().unwrap_or_default());
@@ -872,13 +888,61 @@ async fn cleanup(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
         &ListParams::default().labels(&selector),
     )
     .await?;
-    event(
-        ctx,
-        seed,
-        EventType::Normal,
-        "Deleted",
-        "builder Jobs removed".into(),
-    )
-    .await;
+    let mut left = Vec::new();
+    if seed.spec.deletion_policy == crate::crd::DeletionPolicy::Delete {
+        for name in &seed.spec.targets.ec2_node_classes {
+            if let Err(e) = rollout::remove_from_node_class(&ctx.client, name, seed).await {
+                left.push(format!("EC2NodeClass {name}: {e}"));
+            }
+        }
+        let st = seed.status.clone().unwrap_or_default();
+        for t in st.targets.iter().filter(|t| t.kind == "LaunchTemplate") {
+            if let Some(v) = t.original_version
+                && let Err(e) = rollout::restore_default(&ctx.ec2, &t.name, v).await
+            {
+                left.push(format!("launch template {}: {e}", t.name));
+            }
+        }
+        for h in &st.history {
+            match rollout::snapshot_in_use(&ctx.ec2, &h.snapshot_id, &[]).await {
+                Ok(true) => left.push(format!("snapshot {} (still in use)", h.snapshot_id)),
+                Ok(false) => {
+                    if let Err(e) =
+                        rollout::delete_snapshot(&ctx.ec2, &h.snapshot_id, &seed.name_any()).await
+                    {
+                        left.push(format!("snapshot {}: {e}", h.snapshot_id));
+                    }
+                }
+                Err(e) => left.push(format!("snapshot {}: {e}", h.snapshot_id)),
+            }
+        }
+    }
+    let deleted_for = seed
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::ZERO);
+    let retrying = left.iter().any(|l| !l.ends_with("(still in use)"));
+    if retrying && deleted_for < Duration::from_secs(600) {
+        return Err(Error::Other(format!(
+            "cleanup incomplete, retrying: {}",
+            left.join("; ")
+        )));
+    }
+    if left.is_empty() {
+        event(
+            ctx,
+            seed,
+            EventType::Normal,
+            "Deleted",
+            "builder Jobs removed".into(),
+        )
+        .await;
+    } else {
+        let note = format!("left behind: {}", left.join("; "));
+        event(ctx, seed, EventType::Warning, "CleanupIncomplete", note).await;
+    }
     Ok(Action::await_change())
 }

@@ -171,13 +171,14 @@ where
 
 /// Makes a launch template's default version carry `snap` at coral's
 /// device: a new version with the whole mapping list, then the default.
-/// Returns the new version, or `None` when the default already has it.
+/// Returns the new version and the default it replaced, or `None` when the
+/// default already has it.
 pub async fn launch_template(
     ec2: &aws_sdk_ec2::Client,
     id: &str,
     seed: &ImageSeed,
     snap: &SnapshotRef,
-) -> Result<Option<i64>, Error> {
+) -> Result<Option<(i64, i64)>, Error> {
     let out = ec2
         .describe_launch_template_versions()
         .launch_template_id(id)
@@ -285,7 +286,7 @@ pub async fn launch_template(
         .send()
         .await
         .map_err(|e| ec2_error(&format!("ModifyLaunchTemplate {id}"), e))?;
-    Ok(Some(version))
+    Ok(Some((version, default_version)))
 }
 
 /// Whether EC2 shows `id` completed and tagged with `seed_key`: only such a
@@ -385,4 +386,62 @@ pub async fn delete_snapshot(
         .await
         .map_err(|e| ec2_error(&format!("DeleteSnapshot {id}"), e))?;
     Ok(true)
+}
+
+/// Takes coral's device (a snapshot of this seed at `volume.deviceName`)
+/// out of EC2NodeClass `name`. Returns whether it changed.
+pub async fn remove_from_node_class(
+    client: &kube::Client,
+    name: &str,
+    seed: &ImageSeed,
+) -> Result<bool, Error> {
+    let ar = node_class_resource();
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let Some(nc) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let spec = nc.data.get("spec").cloned().unwrap_or(Value::Null);
+    let Some(list) = spec["blockDeviceMappings"].as_array() else {
+        return Ok(false);
+    };
+    let ours: Vec<&str> = seed
+        .status
+        .iter()
+        .flat_map(|s| s.history.iter().map(|h| h.snapshot_id.as_str()))
+        .collect();
+    let keep: Vec<Value> = list
+        .iter()
+        .filter(|m| {
+            !(m["deviceName"] == seed.spec.volume.device_name.as_str()
+                && m["ebs"]["snapshotID"]
+                    .as_str()
+                    .is_some_and(|s| ours.contains(&s)))
+        })
+        .cloned()
+        .collect();
+    if keep.len() == list.len() {
+        return Ok(false);
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": nc.metadata.resource_version},
+        "spec": {"blockDeviceMappings": keep},
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(true)
+}
+
+/// Makes `version` the default of launch template `id` again.
+pub async fn restore_default(
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+    version: i64,
+) -> Result<(), Error> {
+    ec2.modify_launch_template()
+        .launch_template_id(id)
+        .default_version(version.to_string())
+        .send()
+        .await
+        .map_err(|e| ec2_error(&format!("ModifyLaunchTemplate {id}"), e))?;
+    Ok(())
 }

@@ -1305,3 +1305,152 @@ fn metrics_are_prometheus_text() {
         );
     }
 }
+
+#[tokio::test]
+async fn deleting_with_the_delete_policy_takes_back_what_coral_rolled_out() {
+    use aws_sdk_ec2::types::{
+        LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+        RequestLaunchTemplateData, ResourceType, Tag, TagSpecification,
+    };
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    // Two snapshots of the seed (tagged as its builds tag them).
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let vol = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(1)
+            .send()
+            .await
+            .unwrap();
+        let s = ec2
+            .create_snapshot()
+            .volume_id(vol.volume_id().unwrap())
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .tags(Tag::builder().key("coral/seed-key").value(&key).build())
+                    .tags(
+                        Tag::builder()
+                            .key("coral.dev/imageseed")
+                            .value("web")
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        ids.push(s.snapshot_id().unwrap().to_string());
+    }
+    let lt = ec2
+        .create_launch_template()
+        .launch_template_name("nodes")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .block_device_mappings(
+                    LaunchTemplateBlockDeviceMappingRequest::builder()
+                        .device_name("/dev/xvda")
+                        .ebs(
+                            LaunchTemplateEbsBlockDeviceRequest::builder()
+                                .volume_size(30)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let lt_id = lt
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let entry = |id: &str| {
+        json!({"snapshotId": id, "manifestDigest": D2, "seedKey": key,
+                                  "created": "2026-11-26T00:00:00Z", "complete": true})
+    };
+    let mut v = seed_json(true, Value::Null);
+    v["spec"]["deletionPolicy"] = json!("Delete");
+    v["spec"]["targets"] = json!({"ec2NodeClasses": ["default"], "launchTemplates": [lt_id]});
+    v["status"] = json!({"current": entry(&ids[0]), "history": [entry(&ids[0]), entry(&ids[1])]});
+    // Rolled out as the controller does it: version 2 is the default.
+    let rolled: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let current: coral_controller::crd::SnapshotRef =
+        serde_json::from_value(entry(&ids[0])).unwrap();
+    let (made, replaced) =
+        coral_controller::rollout::launch_template(&ec2, &lt_id, &rolled, &current)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!((made, replaced), (2, 1));
+    v["status"]["targets"] = json!([{"kind": "LaunchTemplate", "name": lt_id, "snapshotId": ids[0],
+                                     "version": 2, "originalVersion": 1}]);
+    v["metadata"]["deletionTimestamp"] = json!(k8s_openapi::jiff::Timestamp::now().to_string());
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let class = json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass",
+        "metadata": {"name": "default", "resourceVersion": "9"},
+        "spec": {"blockDeviceMappings": [
+            {"deviceName": "/dev/xvda", "rootVolume": true, "ebs": {"volumeSize": "20Gi"}},
+            {"deviceName": "/dev/xvdc", "ebs": {"snapshotID": ids[0], "volumeType": "gp3"}}]}});
+    let (ctx, mut api, _) = context_with(&[], ec2.clone());
+    let ncs = "/apis/karpenter.k8s.aws/v1/ec2nodeclasses/default";
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::DELETE, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        api.expect(Method::GET, ncs, |_| ok(class.clone())).await;
+        let patch = api
+            .expect(Method::PATCH, ncs, |_| ok(class.clone()))
+            .await
+            .body;
+        assert_eq!(
+            patch["spec"]["blockDeviceMappings"],
+            json!([{"deviceName": "/dev/xvda", "rootVolume": true, "ebs": {"volumeSize": "20Gi"}}]),
+            "only coral's device goes: {patch}"
+        );
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "Deleted", "{ev}");
+        let fin = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web"), |_| {
+                let mut done = v.clone();
+                done["metadata"]["finalizers"] = json!([]);
+                ok(done)
+            })
+            .await;
+        assert!(fin.body.to_string().contains("remove"), "{}", fin.body);
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+    let out = ec2
+        .describe_launch_templates()
+        .launch_template_ids(&lt_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.launch_templates()[0].default_version_number(),
+        Some(1),
+        "the original default is back"
+    );
+    let left = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .unwrap();
+    let left: Vec<&str> = left
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id())
+        .collect();
+    assert!(
+        !left.contains(&ids[0].as_str()) && !left.contains(&ids[1].as_str()),
+        "left: {left:?}"
+    );
+}
