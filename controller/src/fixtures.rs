@@ -41,11 +41,21 @@ impl ApiServer {
         path: &str,
         answer: impl FnOnce(&Seen) -> (StatusCode, Value),
     ) -> Seen {
+        self.expect_with(method, Some(path), answer).await
+    }
+
+    async fn expect_with(
+        &mut self,
+        method: Method,
+        path: Option<&str>,
+        answer: impl FnOnce(&Seen) -> (StatusCode, Value),
+    ) -> Seen {
+        let path_text = path.unwrap_or("*");
         let next = tokio::time::timeout(Duration::from_secs(10), self.0.next_request()).await;
         let (req, send) = match next {
             Ok(Some(r)) => r,
-            Ok(None) => panic!("the client went away; expected {method} {path}"),
-            Err(_) => panic!("no request within 10 s; expected {method} {path}"),
+            Ok(None) => panic!("the client went away; expected {method} {path_text}"),
+            Err(_) => panic!("no request within 10 s; expected {method} {path_text}"),
         };
         let seen_method = req.method().clone();
         let seen_path = req.uri().path().to_string();
@@ -69,7 +79,7 @@ impl ApiServer {
         };
         assert_eq!(
             (&seen.method, seen.path.as_str()),
-            (&method, path),
+            (&method, path.unwrap_or(seen.path.as_str())),
             "unexpected request {} {}?{} (body {})",
             seen.method,
             seen.path,
@@ -85,6 +95,16 @@ impl ApiServer {
                 .expect("a response"),
         );
         seen
+    }
+
+    /// The next request must be a `method` to any path (for requests whose
+    /// order the scenario does not fix); `answer` decides by its path.
+    pub async fn expect_path(
+        &mut self,
+        method: Method,
+        answer: impl FnOnce(&Seen) -> (StatusCode, Value),
+    ) -> Seen {
+        self.expect_with(method, None, answer).await
     }
 
     /// No further request may come (within a short wait).

@@ -468,3 +468,63 @@ pub async fn attach(
     }
     Ok(None)
 }
+
+/// Attach mode's leftovers: volumes coral made for a node (tagged
+/// `coral.dev/managed=attach` and with this seed) that are not attached,
+/// whose node is gone, or that have waited unattached for ten minutes, are
+/// deleted. Returns the deleted volume IDs.
+pub async fn collect_volumes(seed: &ImageSeed, ctx: &Context) -> Result<Vec<String>, Error> {
+    use aws_sdk_ec2::types::Filter;
+    let out = ctx
+        .ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("tag:coral.dev/managed")
+                .values("attach")
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", crate::job::TAG_IMAGESEED))
+                .values(seed.name_any())
+                .build(),
+        )
+        .filters(Filter::builder().name("status").values("available").build())
+        .send()
+        .await
+        .map_err(|e| ec2_err("DescribeVolumes (attach mode)", e))?;
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut gone = Vec::new();
+    for v in out.volumes() {
+        let Some(id) = v.volume_id() else { continue };
+        let node = v
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("coral.dev/node"))
+            .and_then(|t| t.value())
+            .unwrap_or_default();
+        let node_gone = node.is_empty() || nodes.get_opt(node).await?.is_none();
+        let waited = v
+            .create_time()
+            .map(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|n| n.as_secs() as i64)
+                    .unwrap_or(0)
+                    - t.secs()
+            })
+            .is_some_and(|age| age > 600);
+        if !(node_gone || waited) {
+            continue;
+        }
+        ctx.ec2
+            .delete_volume()
+            .volume_id(id)
+            .send()
+            .await
+            .map_err(|e| ec2_err(&format!("DeleteVolume {id}"), e))?;
+        gone.push(id.to_string());
+    }
+    Ok(gone)
+}

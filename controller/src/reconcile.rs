@@ -840,6 +840,27 @@ async fn collect(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus) {
         }
     }
     st.history.retain(|h| !gone.contains(&h.snapshot_id));
+    if seed.spec.targets.attach.is_some() {
+        match crate::nodes::collect_volumes(seed, ctx).await {
+            Ok(volumes) => {
+                for v in volumes {
+                    let note = format!(
+                        "attach-mode volume {v} deleted: never attached, or its node is gone"
+                    );
+                    event_for(
+                        ctx,
+                        seed,
+                        EventType::Normal,
+                        "VolumeDeleted",
+                        "DeleteVolume",
+                        note,
+                    )
+                    .await;
+                }
+            }
+            Err(e) => tracing::warn!(seed = %name, "collecting attach-mode volumes: {e}"),
+        }
+    }
 }
 
 /// When a failed Job failed (its Failed condition's transition time).

@@ -1454,3 +1454,88 @@ async fn deleting_with_the_delete_policy_takes_back_what_coral_rolled_out() {
         "left: {left:?}"
     );
 }
+
+#[tokio::test]
+async fn attach_mode_volumes_whose_node_is_gone_are_deleted() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let moto = Moto::start().expect("moto");
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let key = key_for(D1);
+    let mut vols = Vec::new();
+    for node in ["ip-gone", "ip-10-0-0-1"] {
+        let v = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .tags(
+                        Tag::builder()
+                            .key("coral.dev/managed")
+                            .value("attach")
+                            .build(),
+                    )
+                    .tags(
+                        Tag::builder()
+                            .key("coral.dev/imageseed")
+                            .value("web")
+                            .build(),
+                    )
+                    .tags(Tag::builder().key("coral.dev/node").value(node).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        vols.push(v.volume_id().unwrap().to_string());
+    }
+    let snap = json!({"snapshotId": "snap-1", "manifestDigest": D2, "seedKey": key,
+                      "created": "2026-11-26T00:00:00Z", "complete": true});
+    let mut v = seed_json(
+        true,
+        json!({"phase": "Ready", "seedKey": key, "current": snap, "history": [snap]}),
+    );
+    v["spec"]["targets"] = json!({"attach": {"nodeSelector": {"coral.dev/attach": "true"}}});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let (ctx, mut api, _) = context_with(&[("registry.example:5000/app:1", D1)], ec2.clone());
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let node = node_json(&just_now, None);
+    let scenario = tokio::spawn(async move {
+        // One GET per volume, in EC2's order: answered by the node's name.
+        for _ in 0..2 {
+            api.expect_path(Method::GET, |seen| {
+                assert!(seen.path.starts_with("/api/v1/nodes/"), "{}", seen.path);
+                if seen.path.ends_with("/ip-gone") {
+                    coral_controller::fixtures::not_found("node ip-gone")
+                } else {
+                    ok(node.clone())
+                }
+            })
+            .await;
+        }
+        let ev = api.expect(Method::POST, EVENTS, echo_event).await.body;
+        assert_eq!(ev["reason"], "VolumeDeleted");
+        api.expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+            ok(with_status(&v, &s.body))
+        })
+        .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+    let left = ec2.describe_volumes().send().await.unwrap();
+    let left: Vec<&str> = left
+        .volumes()
+        .iter()
+        .filter_map(|v| v.volume_id())
+        .collect();
+    assert!(
+        !left.contains(&vols[0].as_str()),
+        "the volume of a gone node is still there"
+    );
+    assert!(
+        left.contains(&vols[1].as_str()),
+        "a fresh volume of a live node was deleted"
+    );
+}
