@@ -50,6 +50,17 @@ struct AgentArgs {
     /// How often the file is read.
     #[arg(long, default_value_t = 5)]
     interval_seconds: u64,
+    /// On a node without a seed volume, pull the ImageSeeds' images through
+    /// CRI with this node mounter binary (`prefetch`), once.
+    #[arg(long, value_name = "PATH")]
+    prefetch_with: Option<PathBuf>,
+    /// containerd's socket, as mounted from the host (for the prefetch).
+    #[arg(long, default_value = "/host/run/containerd/containerd.sock")]
+    containerd_address: PathBuf,
+    /// No status file this long after the agent started means the node
+    /// mounter did not run: the node has no volume.
+    #[arg(long, default_value_t = 120)]
+    prefetch_grace_seconds: u64,
 }
 
 #[derive(Args)]
@@ -233,12 +244,56 @@ async fn node_agent(args: AgentArgs) -> Result<()> {
         .context("connecting to the Kubernetes API")?;
     let mut tick =
         tokio::time::interval(std::time::Duration::from_secs(args.interval_seconds.max(1)));
+    let started = std::time::Instant::now();
+    let mut prefetched = false;
     loop {
         tick.tick().await;
         if let Err(e) =
             coral_controller::nodes::report(&client, &args.node, &args.status_file).await
         {
             tracing::warn!(node = %args.node, "reporting the seed status: {e}");
+        }
+        let Some(mounter) = &args.prefetch_with else {
+            continue;
+        };
+        if prefetched {
+            continue;
+        }
+        let status: Option<serde_json::Value> = std::fs::read(&args.status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let grace = std::time::Duration::from_secs(args.prefetch_grace_seconds);
+        if !coral_controller::nodes::needs_prefetch(status.as_ref(), started.elapsed(), grace) {
+            continue;
+        }
+        let seeds: Api<ImageSeed> = Api::all(client.clone());
+        let images = match seeds.list(&Default::default()).await {
+            Ok(l) => coral_controller::nodes::prefetch_images(&l.items),
+            Err(e) => {
+                tracing::warn!("listing ImageSeeds for the prefetch: {e}");
+                continue;
+            }
+        };
+        prefetched = true;
+        if images.is_empty() {
+            continue;
+        }
+        // The host's /run/coral is mounted read-only: the prefetch's own
+        // status goes to the agent's temporary directory.
+        let status_file = std::env::temp_dir().join("coral-prefetch.json");
+        let argv =
+            coral_controller::nodes::prefetch_args(&args.containerd_address, &images, &status_file);
+        tracing::info!(
+            images = images.len(),
+            "no seed volume: prefetching through CRI"
+        );
+        match tokio::process::Command::new(mounter)
+            .args(&argv)
+            .status()
+            .await
+        {
+            Ok(s) => tracing::info!(status = %s, "prefetch finished"),
+            Err(e) => tracing::warn!("running {}: {e}", mounter.display()),
         }
     }
 }

@@ -528,3 +528,55 @@ pub async fn collect_volumes(seed: &ImageSeed, ctx: &Context) -> Result<Vec<Stri
     }
     Ok(gone)
 }
+
+/// Whether a node has no seed volume to import from, by what its node
+/// mounter left: a failed run whose message says no volume was found, or
+/// no status file at all once `grace` has passed since the agent started
+/// (the mounter did not run). Such a node gets its images by prefetch.
+pub fn needs_prefetch(status: Option<&Value>, since_start: Duration, grace: Duration) -> bool {
+    match status {
+        None => since_start >= grace,
+        Some(s) => {
+            s["phase"] == "failed"
+                && s["message"].as_str().is_some_and(|m| {
+                    let m = m.to_lowercase();
+                    m.contains("no seed volume")
+                        || m.contains("no device")
+                        || m.contains("not found")
+                })
+        }
+    }
+}
+
+/// The images to prefetch: those of every ImageSeed with a current
+/// snapshot, each once, in order.
+pub fn prefetch_images(seeds: &[ImageSeed]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in seeds
+        .iter()
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.current.is_some()))
+    {
+        for i in &s.spec.images {
+            if !out.contains(i) {
+                out.push(i.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The `coral-node-mounter prefetch` command line for `images`.
+pub fn prefetch_args(address: &Path, images: &[String], status_file: &Path) -> Vec<String> {
+    let mut args = vec![
+        "prefetch".to_string(),
+        "--address".into(),
+        address.display().to_string(),
+        "--status-file".into(),
+        status_file.display().to_string(),
+        "--json".into(),
+    ];
+    for i in images {
+        args.extend(["--image".into(), i.clone()]);
+    }
+    args
+}

@@ -1539,3 +1539,57 @@ async fn attach_mode_volumes_whose_node_is_gone_are_deleted() {
         "a fresh volume of a live node was deleted"
     );
 }
+
+#[test]
+fn a_node_without_a_volume_prefetches_the_seeded_images_with_the_mounter() {
+    use coral_controller::nodes::{needs_prefetch, prefetch_args, prefetch_images};
+    use std::time::Duration;
+    let grace = Duration::from_secs(120);
+    // No status file: only after the grace period.
+    assert!(!needs_prefetch(None, Duration::from_secs(30), grace));
+    assert!(needs_prefetch(None, Duration::from_secs(121), grace));
+    // A mounter that found no volume says so; one that is importing or
+    // failed otherwise does not trigger a prefetch.
+    let none = json!({"phase": "failed", "message": "no seed volume found: no device labelled coral-seed"});
+    assert!(needs_prefetch(Some(&none), Duration::ZERO, grace));
+    assert!(!needs_prefetch(
+        Some(&json!({"phase": "importing"})),
+        Duration::from_secs(999),
+        grace
+    ));
+    assert!(!needs_prefetch(
+        Some(&json!({"phase": "done", "exitCode": 0})),
+        Duration::from_secs(999),
+        grace
+    ));
+
+    let with_current = seed(
+        true,
+        json!({"current": {"snapshotId": "snap-1", "manifestDigest": D1,
+        "seedKey": "k", "created": "2026-11-26T00:00:00Z", "complete": true}}),
+    );
+    let never_built = seed(true, Value::Null);
+    let images = prefetch_images(&[with_current, never_built]);
+    assert_eq!(images, ["registry.example:5000/app:1"]);
+    // The command line is one the node mounter's own parser takes: run it
+    // against a socket nobody serves, and it fails for the socket, not the
+    // arguments (exit 1, not a usage error's 2).
+    let dir = tempfile::tempdir().unwrap();
+    let args = prefetch_args(
+        &dir.path().join("containerd.sock"),
+        &images,
+        &dir.path().join("prefetch.json"),
+    );
+    let o = std::process::Command::new(coral_tests::workspace_bin("coral-node-mounter").unwrap())
+        .args(&args)
+        .args(["--deadline", "2s"])
+        .output()
+        .unwrap();
+    assert_ne!(
+        o.status.code(),
+        Some(2),
+        "a usage error: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "nothing answers on that socket");
+}
