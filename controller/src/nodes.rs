@@ -105,20 +105,6 @@ pub async fn report(client: &kube::Client, node: &str, status_file: &Path) -> Re
     Ok(true)
 }
 
-/// Parses a duration such as `10m`, `90s`, `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
-}
-
 /// Gating: lifts each ImageSeed startup taint `node` carries once the agent
 /// reports the node seeded or fallen back to pulls (`phase: done`), or once
 /// the taint's deadline after the node's creation has passed. A node is
@@ -147,7 +133,7 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
             let t = s.spec.startup_taint.as_ref()?;
             Some((
                 t.key.clone(),
-                parse_duration(&t.deadline).unwrap_or(Duration::from_secs(600)),
+                coral_seed::time::parse_duration(&t.deadline).unwrap_or(Duration::from_secs(600)),
             ))
         })
         .collect();
@@ -252,16 +238,6 @@ pub fn parse_provider_id(id: &str) -> Option<(String, String)> {
         .then(|| (zone.to_string(), instance.to_string()))
 }
 
-fn ec2_err<E>(what: &str, e: aws_sdk_ec2::error::SdkError<E>) -> Error
-where
-    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
-{
-    Error::Other(format!(
-        "{what}: {}",
-        aws_sdk_ec2::error::DisplayErrorContext(&e)
-    ))
-}
-
 fn selector_matches(selector: &std::collections::BTreeMap<String, String>, node: &Node) -> bool {
     let labels = node.labels();
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -319,7 +295,9 @@ pub async fn attach(
                 .instance_ids(&instance)
                 .send()
                 .await
-                .map_err(|e| ec2_err(&format!("DescribeInstances {instance}"), e))?;
+                .map_err(|e| {
+                    crate::rollout::ec2_error(&format!("DescribeInstances {instance}"), e)
+                })?;
             let attached: Vec<String> = inst
                 .reservations()
                 .iter()
@@ -333,7 +311,7 @@ pub async fn attach(
                     .set_volume_ids(Some(attached))
                     .send()
                     .await
-                    .map_err(|e| ec2_err("DescribeVolumes", e))?;
+                    .map_err(|e| crate::rollout::ec2_error("DescribeVolumes", e))?;
                 if vols
                     .volumes()
                     .iter()
@@ -359,12 +337,7 @@ pub async fn attach(
                 .availability_zone(&zone)
                 .snapshot_id(&current.snapshot_id)
                 .set_size((size > 0).then_some(size as i32))
-                .volume_type(VolumeType::from(match v.r#type {
-                    crate::crd::VolumeType::Gp3 => "gp3",
-                    crate::crd::VolumeType::Gp2 => "gp2",
-                    crate::crd::VolumeType::Io1 => "io1",
-                    crate::crd::VolumeType::Io2 => "io2",
-                }))
+                .volume_type(VolumeType::from(crate::rollout::volume_type(seed)))
                 .set_iops(v.iops.map(|i| i as i32))
                 .set_throughput(v.throughput.map(|t| t as i32))
                 .set_volume_initialization_rate(v.initialization_rate.map(|r| r as i32))
@@ -389,7 +362,7 @@ pub async fn attach(
                 )
                 .send()
                 .await
-                .map_err(|e| ec2_err(&format!("CreateVolume in {zone}"), e))?;
+                .map_err(|e| crate::rollout::ec2_error(&format!("CreateVolume in {zone}"), e))?;
             let id = created
                 .volume_id()
                 .ok_or_else(|| Error::Other("CreateVolume returned no volume ID".into()))?
@@ -407,7 +380,7 @@ pub async fn attach(
         .volume_ids(&volume)
         .send()
         .await
-        .map_err(|e| ec2_err(&format!("DescribeVolumes {volume}"), e))?;
+        .map_err(|e| crate::rollout::ec2_error(&format!("DescribeVolumes {volume}"), e))?;
     let state = described
         .volumes()
         .first()
@@ -427,7 +400,9 @@ pub async fn attach(
             .volume_id(&volume)
             .send()
             .await
-            .map_err(|e| ec2_err(&format!("AttachVolume {volume} to {instance}"), e))?;
+            .map_err(|e| {
+                crate::rollout::ec2_error(&format!("AttachVolume {volume} to {instance}"), e)
+            })?;
     }
     use aws_sdk_ec2::types::{
         EbsInstanceBlockDeviceSpecification, InstanceBlockDeviceMappingSpecification,
@@ -447,7 +422,9 @@ pub async fn attach(
         )
         .send()
         .await
-        .map_err(|e| ec2_err(&format!("ModifyInstanceAttribute {instance}"), e))?;
+        .map_err(|e| {
+            crate::rollout::ec2_error(&format!("ModifyInstanceAttribute {instance}"), e)
+        })?;
     let patch = json!({"metadata": {"annotations": {ANNOTATION_VOLUME_STATE: "attached"}}});
     nodes
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -493,7 +470,7 @@ pub async fn collect_volumes(seed: &ImageSeed, ctx: &Context) -> Result<Vec<Stri
         .filters(Filter::builder().name("status").values("available").build())
         .send()
         .await
-        .map_err(|e| ec2_err("DescribeVolumes (attach mode)", e))?;
+        .map_err(|e| crate::rollout::ec2_error("DescribeVolumes (attach mode)", e))?;
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let mut gone = Vec::new();
     for v in out.volumes() {
@@ -523,7 +500,7 @@ pub async fn collect_volumes(seed: &ImageSeed, ctx: &Context) -> Result<Vec<Stri
             .volume_id(id)
             .send()
             .await
-            .map_err(|e| ec2_err(&format!("DeleteVolume {id}"), e))?;
+            .map_err(|e| crate::rollout::ec2_error(&format!("DeleteVolume {id}"), e))?;
         gone.push(id.to_string());
     }
     Ok(gone)

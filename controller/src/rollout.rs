@@ -67,7 +67,8 @@ pub fn family_defaults(spec: &Value) -> Vec<Value> {
     }
 }
 
-fn volume_type(seed: &ImageSeed) -> &'static str {
+/// The spec's EBS volume type, as EC2 and Karpenter name it.
+pub fn volume_type(seed: &ImageSeed) -> &'static str {
     match seed.spec.volume.r#type {
         crate::crd::VolumeType::Gp3 => "gp3",
         crate::crd::VolumeType::Gp2 => "gp2",
@@ -162,7 +163,7 @@ pub async fn node_class(
     Ok(true)
 }
 
-fn ec2_error<E>(what: &str, e: aws_sdk_ec2::error::SdkError<E>) -> Error
+pub(crate) fn ec2_error<E>(what: &str, e: aws_sdk_ec2::error::SdkError<E>) -> Error
 where
     E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
 {
@@ -179,22 +180,7 @@ pub async fn launch_template(
     seed: &ImageSeed,
     snap: &SnapshotRef,
 ) -> Result<Option<(i64, i64)>, Error> {
-    let out = ec2
-        .describe_launch_template_versions()
-        .launch_template_id(id)
-        .versions("$Default")
-        .send()
-        .await
-        .map_err(|e| ec2_error(&format!("DescribeLaunchTemplateVersions {id}"), e))?;
-    let current = out
-        .launch_template_versions()
-        .first()
-        .ok_or_else(|| Error::Other(format!("launch template {id} has no default version")))?;
-    let default_version = current.version_number().unwrap_or(1);
-    let mappings = current
-        .launch_template_data()
-        .map(|d| d.block_device_mappings().to_vec())
-        .unwrap_or_default();
+    let (default_version, mappings) = default_mappings(ec2, id).await?;
     let device = seed.spec.volume.device_name.as_str();
     if mappings.iter().any(|m| {
         m.device_name() == Some(device)
@@ -338,25 +324,44 @@ pub async fn snapshot_in_use(
         return Ok(true);
     }
     for lt in launch_templates {
-        let out = ec2
-            .describe_launch_template_versions()
-            .launch_template_id(lt)
-            .versions("$Default")
-            .send()
-            .await
-            .map_err(|e| ec2_error(&format!("DescribeLaunchTemplateVersions {lt}"), e))?;
-        let uses = out.launch_template_versions().iter().any(|v| {
-            v.launch_template_data().is_some_and(|d| {
-                d.block_device_mappings()
-                    .iter()
-                    .any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(id))
-            })
-        });
-        if uses {
+        let (_, mappings) = default_mappings(ec2, lt).await?;
+        if mappings
+            .iter()
+            .any(|m| m.ebs().and_then(|e| e.snapshot_id()) == Some(id))
+        {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// A launch template's default version number and its block device mappings.
+async fn default_mappings(
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+) -> Result<
+    (
+        i64,
+        Vec<aws_sdk_ec2::types::LaunchTemplateBlockDeviceMapping>,
+    ),
+    Error,
+> {
+    let out = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(id)
+        .versions("$Default")
+        .send()
+        .await
+        .map_err(|e| ec2_error(&format!("DescribeLaunchTemplateVersions {id}"), e))?;
+    let current = out
+        .launch_template_versions()
+        .first()
+        .ok_or_else(|| Error::Other(format!("launch template {id} has no default version")))?;
+    let mappings = current
+        .launch_template_data()
+        .map(|d| d.block_device_mappings().to_vec())
+        .unwrap_or_default();
+    Ok((current.version_number().unwrap_or(1), mappings))
 }
 
 /// Deletes snapshot `id` if it is one of this seed's (tagged
