@@ -176,6 +176,38 @@ impl Credentials {
         Ok(creds)
     }
 
+    /// Credentials from the `auths` of docker config.json texts (e.g. the
+    /// `.dockerconfigjson` of Kubernetes Secrets), merged in order (a later
+    /// one wins for the same registry). Credential helpers and stores are
+    /// refused: they would run a program a Secret names.
+    pub fn from_auths(sources: &[(String, Vec<u8>)]) -> Result<Credentials, AuthError> {
+        let mut merged = DockerConfig::default();
+        for (what, bytes) in sources {
+            let config: DockerConfig =
+                serde_json::from_slice(bytes).map_err(|source| AuthError::Parse {
+                    path: PathBuf::from(what),
+                    source,
+                })?;
+            if !config.cred_helpers.is_empty() || config.creds_store.is_some() {
+                return Err(AuthError::Entry {
+                    registry: what.clone(),
+                    reason: "names a credential helper or store; only \"auths\" entries are \
+                             used from here"
+                        .into(),
+                });
+            }
+            merged.auths.extend(config.auths);
+        }
+        let creds = Credentials {
+            config: merged,
+            ..Credentials::default()
+        };
+        for key in creds.config.auths.keys() {
+            creds.static_entry(key)?;
+        }
+        Ok(creds)
+    }
+
     fn static_entry(&self, key: &str) -> Result<Option<RegistryAuth>, AuthError> {
         let Some(e) = self.config.auths.get(key) else {
             return Ok(None);

@@ -126,10 +126,8 @@ async fn run(args: RunArgs) -> Result<()> {
         None => PodTemplateSpec::default(),
     };
     let credentials = coral_builder::auth::Credentials::load(args.registry_config.as_deref())?;
-    let registry = coral_builder::registry::RegistryClient::new(
-        coral_builder::registry::RegistryOptions::default(),
-        credentials,
-    )?;
+    let options = coral_builder::registry::RegistryOptions::default();
+    let registry = coral_builder::registry::RegistryClient::new(options.clone(), credentials)?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -185,7 +183,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         &args.namespace,
-        Resolver::Registry(Arc::new(registry)),
+        Resolver::Registry(Arc::new(registry), options),
         &args.builder_image,
         template,
         aws_sdk_ec2::Client::new(&aws_config::load_from_env().await),

@@ -48,11 +48,75 @@ pub enum Error {
 /// How references become digests.
 #[derive(Clone)]
 pub enum Resolver {
-    /// The registries themselves, through the builder's client.
-    Registry(Arc<coral_builder::registry::RegistryClient>),
+    /// The registries themselves, through the builder's client (with the
+    /// controller's own credentials; the options make clients with a
+    /// seed's pull secrets).
+    Registry(
+        Arc<coral_builder::registry::RegistryClient>,
+        coral_builder::registry::RegistryOptions,
+    ),
     /// A fixed table (reference as written → digest), for tests; a
     /// reference missing from it fails to resolve.
     Fixed(Arc<Mutex<BTreeMap<String, String>>>),
+}
+
+impl Resolver {
+    /// The same resolver, authenticating with `credentials` (a seed's pull
+    /// secrets) instead.
+    pub fn with_credentials(
+        &self,
+        credentials: coral_builder::auth::Credentials,
+    ) -> Result<Resolver, String> {
+        match self {
+            Resolver::Fixed(_) => Ok(self.clone()),
+            Resolver::Registry(_, options) => {
+                let client =
+                    coral_builder::registry::RegistryClient::new(options.clone(), credentials)
+                        .map_err(|e| e.to_string())?;
+                Ok(Resolver::Registry(Arc::new(client), options.clone()))
+            }
+        }
+    }
+}
+
+/// The credentials in `seed`'s pull secrets (in the controller's
+/// namespace, type `kubernetes.io/dockerconfigjson`): their `auths` only.
+async fn pull_credentials(
+    seed: &ImageSeed,
+    ctx: &Context,
+) -> Result<Result<coral_builder::auth::Credentials, String>, Error> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut sources = Vec::new();
+    for s in &seed.spec.pull_secrets {
+        let Some(secret) = secrets.get_opt(&s.name).await? else {
+            return Ok(Err(format!(
+                "pull secret {}/{} does not exist",
+                ctx.namespace, s.name
+            )));
+        };
+        if secret.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") {
+            return Ok(Err(format!(
+                "pull secret {}/{} is not of type kubernetes.io/dockerconfigjson",
+                ctx.namespace, s.name
+            )));
+        }
+        let Some(bytes) = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(".dockerconfigjson"))
+        else {
+            return Ok(Err(format!(
+                "pull secret {}/{} has no .dockerconfigjson",
+                ctx.namespace, s.name
+            )));
+        };
+        sources.push((
+            format!("secret {}/{}", ctx.namespace, s.name),
+            bytes.0.clone(),
+        ));
+    }
+    Ok(coral_builder::auth::Credentials::from_auths(&sources).map_err(|e| e.to_string()))
 }
 
 /// What resolving one reference gave.
@@ -79,7 +143,7 @@ impl Resolver {
                     size: None,
                 })
             }
-            Resolver::Registry(client) => {
+            Resolver::Registry(client, _) => {
                 let r = coral_builder::resolve::resolve(client, asked, &name, platforms)
                     .await
                     .map_err(|e| format!("{e}"))?;
@@ -274,6 +338,17 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
         }
         Err(e) => return invalid(seed, ctx, &before, st, &e).await,
     };
+    let resolver = if seed.spec.pull_secrets.is_empty() {
+        ctx.resolver.clone()
+    } else {
+        match pull_credentials(seed, ctx)
+            .await?
+            .and_then(|c| ctx.resolver.with_credentials(c))
+        {
+            Ok(r) => r,
+            Err(e) => return invalid(seed, ctx, &before, st, &e).await,
+        }
+    };
     let mut images = Vec::new();
     let mut resolved = Vec::new();
     let mut retry: Option<Duration> = None;
@@ -287,7 +362,7 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
                 reference: asked.clone(),
                 ..ImageState::default()
             });
-        match ctx.resolver.resolve(asked, &platforms).await {
+        match resolver.resolve(asked, &platforms).await {
             Ok(r) => {
                 state.resolved_digest = Some(r.digest.to_string());
                 state.size = r.size.or(state.size);

@@ -1593,3 +1593,76 @@ fn a_node_without_a_volume_prefetches_the_seeded_images_with_the_mounter() {
     );
     assert!(!o.status.success(), "nothing answers on that socket");
 }
+
+fn docker_secret(config: &Value) -> Value {
+    use base64::Engine as _;
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+           "metadata": {"name": "reg", "namespace": NS},
+           "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config.to_string())}})
+}
+
+#[tokio::test]
+async fn pull_secrets_are_read_from_coral_s_namespace_and_helpers_are_refused() {
+    let secret_path = "/api/v1/namespaces/coral-system/secrets/reg";
+    // Static auths: read, then the build goes on as usual.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let mut v = seed_json(true, Value::Null);
+    v["spec"]["pullSecrets"] = json!([{"name": "reg"}]);
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let obj = v.clone();
+    let scenario = tokio::spawn(async move {
+        let auths = json!({"auths": {"registry.example:5000": {"auth": "dXNlcjpwYXNz"}}});
+        api.expect(Method::GET, secret_path, |_| ok(docker_secret(&auths)))
+            .await;
+        api.expect(Method::GET, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        let c = &job["spec"]["template"]["spec"];
+        assert_eq!(c["volumes"][1]["secret"]["secretName"], "reg", "{c}");
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        api.expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+            ok(with_status(&obj, &s.body))
+        })
+        .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s.clone()), ctx)
+        .await
+        .expect("reconcile");
+    scenario.await.expect("the scenario");
+
+    // A credential helper named by a Secret would run a program: refused.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D1)]);
+    let scenario = tokio::spawn(async move {
+        let helper = json!({"credHelpers": {"registry.example:5000": "evil"}});
+        api.expect(Method::GET, secret_path, |_| ok(docker_secret(&helper)))
+            .await;
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&v, &s.body))
+            })
+            .await
+            .body;
+        let r = st["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Resolved")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (r["status"].as_str(), r["reason"].as_str()),
+            (Some("False"), Some("InvalidSpec"))
+        );
+        assert!(
+            r["message"].as_str().unwrap().contains("credential helper"),
+            "{r}"
+        );
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
