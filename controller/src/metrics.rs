@@ -21,6 +21,10 @@ pub struct Metrics {
     pub taints_removed_seeded: AtomicU64,
     pub taints_removed_deadline: AtomicU64,
     pub leader: AtomicU64,
+    /// Successful builds' durations (Job start to completion): sum in
+    /// milliseconds, and count.
+    pub build_millis_sum: AtomicU64,
+    pub build_count: AtomicU64,
     /// ImageSeed → (current snapshot's creation time, unix seconds).
     pub snapshot_created: Mutex<std::collections::BTreeMap<String, i64>>,
     /// Node → its last reported state (`seeded`, `fellBack`, `failed`, `pending`).
@@ -93,6 +97,14 @@ pub fn render(m: &Metrics) -> String {
          coral_startup_taints_removed_total{{reason=\"deadline\"}} {}",
         m.taints_removed_seeded.load(Ordering::Relaxed),
         m.taints_removed_deadline.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP coral_build_duration_seconds Successful builds, Job start to completion.\n\
+         # TYPE coral_build_duration_seconds summary\n\
+         coral_build_duration_seconds_sum {:.3}\ncoral_build_duration_seconds_count {}",
+        m.build_millis_sum.load(Ordering::Relaxed) as f64 / 1000.0,
+        m.build_count.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         out,

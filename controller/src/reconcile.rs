@@ -559,6 +559,15 @@ async fn follow_build(
                 st.history.retain(|h| h.snapshot_id != snap.snapshot_id);
                 st.history.insert(0, snap.clone());
                 st.build = None;
+                if let Some(st) = &done.status
+                    && let (Some(a), Some(b)) = (&st.start_time, &st.completion_time)
+                    && let Ok(d) = Duration::try_from(b.0.duration_since(a.0))
+                {
+                    let m = &crate::metrics::METRICS;
+                    m.build_millis_sum
+                        .fetch_add(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::inc(&m.build_count);
+                }
                 crate::metrics::inc(&crate::metrics::METRICS.builds_succeeded);
                 event(
                     ctx,

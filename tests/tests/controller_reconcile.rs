@@ -1297,6 +1297,16 @@ fn metrics_are_prometheus_text() {
             && text.contains("coral_nodes{state=\"fellBack\"} 1"),
         "{text}"
     );
+    m.build_millis_sum
+        .store(90_500, std::sync::atomic::Ordering::Relaxed);
+    m.build_count.store(2, std::sync::atomic::Ordering::Relaxed);
+    let text = render(&m);
+    assert!(
+        text.contains(
+            "coral_build_duration_seconds_sum 90.500\ncoral_build_duration_seconds_count 2"
+        ),
+        "{text}"
+    );
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap();
         assert!(
