@@ -30,7 +30,7 @@ use serde_json::json;
 
 use crate::crd::{
     APPROVE_ANNOTATION, BuildState, FINALIZER, ImageSeed, ImageSeedStatus, ImageState, Phase,
-    RolloutPolicy, SnapshotRef, TargetState,
+    RebuildPolicy, RolloutPolicy, SnapshotRef, TargetState,
 };
 use crate::job::{self, JobState};
 use crate::rollout;
@@ -362,6 +362,21 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
                 reference: asked.clone(),
                 ..ImageState::default()
             });
+        // Manual rebuilds: an unchanged spec keeps the digests it resolved.
+        let keep = seed.spec.rebuild.policy == RebuildPolicy::Manual
+            && before.observed_generation == generation
+            && state.last_error.is_none();
+        if keep
+            && let Some(d) = state
+                .resolved_digest
+                .as_deref()
+                .and_then(|d| d.parse::<Digest>().ok())
+            && let Ok(name) = asked.parse::<Reference>()
+        {
+            resolved.push((name, d));
+            images.push(state);
+            continue;
+        }
         match resolver.resolve(asked, &platforms).await {
             Ok(r) => {
                 state.resolved_digest = Some(r.digest.to_string());
@@ -430,7 +445,7 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
             generation,
         );
         st.phase = Some(Phase::Ready);
-        Action::requeue(Duration::from_secs(3600))
+        Action::requeue(resolve_interval(seed))
     } else {
         follow_build(seed, ctx, &mut st, &key).await?
     };
@@ -444,6 +459,14 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
     }
     write_status(ctx, &name, &before, &st).await?;
     Ok(action)
+}
+
+/// How long until tags are resolved again: `rebuild.resolveInterval`, at
+/// least five minutes (an hour when it does not parse).
+pub fn resolve_interval(seed: &ImageSeed) -> Duration {
+    coral_seed::time::parse_duration(&seed.spec.rebuild.resolve_interval)
+        .unwrap_or(Duration::from_secs(3600))
+        .max(Duration::from_secs(300))
 }
 
 /// The spec cannot be built: say why, and wait for it to change.
@@ -591,7 +614,7 @@ async fn follow_build(
                     generation,
                 );
                 st.phase = Some(Phase::Ready);
-                return Ok(Action::requeue(Duration::from_secs(3600)));
+                return Ok(Action::requeue(resolve_interval(seed)));
             }
             _ => {
                 // Succeeded without a usable report: never rolled out.

@@ -1676,3 +1676,62 @@ async fn pull_secrets_are_read_from_coral_s_namespace_and_helpers_are_refused() 
     reconcile(Arc::new(s), ctx).await.expect("reconcile");
     scenario.await.expect("the scenario");
 }
+
+#[tokio::test]
+async fn a_manual_rebuild_policy_keeps_the_digests_until_the_spec_changes() {
+    let key = key_for(D1);
+    let snap = json!({"snapshotId": "snap-1", "manifestDigest": D2, "seedKey": key,
+                      "created": "2026-11-26T00:00:00Z", "complete": true});
+    let status = json!({"phase": "Ready", "seedKey": key, "observedGeneration": 1, "current": snap,
+                        "history": [snap], "images": [{"reference": "registry.example:5000/app:1",
+                        "resolvedDigest": D1, "inCurrentSnapshot": true, "failureCount": 0}]});
+    let mut v = seed_json(true, status);
+    v["spec"]["rebuild"] = json!({"policy": "Manual", "resolveInterval": "30m"});
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    // The tag has moved, but the spec has not changed: nothing is built.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D2)]);
+    let obj = v.clone();
+    let scenario = tokio::spawn(async move {
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await
+            .body;
+        assert_eq!(st["status"]["images"][0]["resolvedDigest"], D1);
+        assert_eq!(st["status"]["phase"], "Ready");
+        api.done().await;
+    });
+    let action = reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+    assert!(
+        format!("{action:?}").contains("1800s"),
+        "requeued per resolveInterval: {action:?}"
+    );
+
+    // The spec changed (generation 2): resolved again, and built.
+    v["metadata"]["generation"] = json!(2);
+    let s: ImageSeed = serde_json::from_value(v.clone()).unwrap();
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D2)]);
+    let new = key_for(D2);
+    let scenario = tokio::spawn(async move {
+        api.expect(Method::GET, JOBS, |_| ok(job_list(vec![])))
+            .await;
+        let job = api
+            .expect(Method::POST, JOBS, |s| created(s.body.clone()))
+            .await
+            .body;
+        assert_eq!(
+            job["metadata"]["annotations"]["coral.dev/seed-key"],
+            new.as_str()
+        );
+        api.expect(Method::POST, EVENTS, echo_event).await;
+        api.expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+            ok(with_status(&v, &s.body))
+        })
+        .await;
+        api.done().await;
+    });
+    reconcile(Arc::new(s), ctx).await.expect("reconcile");
+    scenario.await.expect("the scenario");
+}
