@@ -982,6 +982,29 @@ fn failed_at(j: &Job) -> Option<Time> {
         .clone()
 }
 
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: `new`
+/// itself, with `null` for every key `old` has and `new` lacks, at every
+/// depth (a merge patch that merely omits a key leaves it in place).
+pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in n {
+                let prev = o.get(k).unwrap_or(&Value::Null);
+                out.insert(k.clone(), merge_patch(prev, v));
+            }
+            for k in o.keys() {
+                if !n.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            Value::Object(out)
+        }
+        (_, n) => n.clone(),
+    }
+}
+
 async fn write_status(
     ctx: &Context,
     name: &str,
@@ -992,10 +1015,14 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<ImageSeed> = Api::all(ctx.client.clone());
+    let patch = merge_patch(
+        &serde_json::to_value(before).unwrap_or_default(),
+        &serde_json::to_value(after).unwrap_or_default(),
+    );
     api.patch_status(
         name,
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": after })),
+        &Patch::Merge(json!({ "status": patch })),
     )
     .await?;
     Ok(())

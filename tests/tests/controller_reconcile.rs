@@ -81,12 +81,47 @@ fn context_with(
     (Arc::new(ctx), server, map)
 }
 
-/// The object the apiserver returns after a status patch: the seed with
-/// the patched status.
+/// The object the apiserver returns after a status merge patch: the
+/// seed's status with the patch applied (RFC 7386: `null` removes).
 fn with_status(seed: &Value, patch: &Value) -> Value {
+    fn apply(target: &mut Value, patch: &Value) {
+        match patch {
+            Value::Object(p) => {
+                if !target.is_object() {
+                    *target = json!({});
+                }
+                let t = target.as_object_mut().unwrap();
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        apply(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+            other => *target = other.clone(),
+        }
+    }
     let mut out = seed.clone();
-    out["status"] = patch["status"].clone();
+    apply(&mut out["status"], &patch["status"]);
     out
+}
+
+#[test]
+fn a_status_patch_removes_what_the_status_no_longer_has() {
+    // A pending snapshot approved, a build finished: their keys must go,
+    // nested optional fields too (a merge patch that omits them keeps them).
+    let old = json!({"pending": {"snapshotId": "s2"}, "build": {"job": "j"},
+                     "current": {"snapshotId": "s1", "volumeSizeGib": 2}, "phase": "AwaitingApproval"});
+    let new = json!({"current": {"snapshotId": "s2"}, "phase": "Ready"});
+    let patch = coral_controller::reconcile::merge_patch(&old, &new);
+    assert_eq!(
+        patch,
+        json!({"pending": null, "build": null,
+                             "current": {"snapshotId": "s2", "volumeSizeGib": null}, "phase": "Ready"})
+    );
+    let applied = with_status(&json!({"status": old}), &json!({"status": patch}));
+    assert_eq!(applied["status"], new);
 }
 
 fn echo_event(server_seen: &Seen) -> (StatusCode, Value) {
