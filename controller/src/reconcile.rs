@@ -349,9 +349,14 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
             Err(e) => return invalid(seed, ctx, &before, st, &e).await,
         }
     };
+    let resolve_due = before
+        .last_resolved
+        .as_ref()
+        .is_none_or(|t| until(&plus(t, resolve_interval(seed))).is_zero());
     let mut images = Vec::new();
     let mut resolved = Vec::new();
     let mut retry: Option<Duration> = None;
+    let mut asked_registry = false;
     for asked in &seed.spec.images {
         let mut state = st
             .images
@@ -362,10 +367,13 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
                 reference: asked.clone(),
                 ..ImageState::default()
             });
-        // Manual rebuilds: an unchanged spec keeps the digests it resolved.
-        let keep = seed.spec.rebuild.policy == RebuildPolicy::Manual
-            && before.observed_generation == generation
-            && state.last_error.is_none();
+        // An unchanged spec keeps the digests it resolved: always under the
+        // Manual policy, and until `resolveInterval` has passed otherwise.
+        // (Reconciles also follow every status write and Job change; they
+        // must not each ask the registries again.)
+        let keep = before.observed_generation == generation
+            && state.last_error.is_none()
+            && (seed.spec.rebuild.policy == RebuildPolicy::Manual || !resolve_due);
         if keep
             && let Some(d) = state
                 .resolved_digest
@@ -377,6 +385,7 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
             images.push(state);
             continue;
         }
+        asked_registry = true;
         match resolver.resolve(asked, &platforms).await {
             Ok(r) => {
                 state.resolved_digest = Some(r.digest.to_string());
@@ -397,7 +406,9 @@ async fn apply(seed: &ImageSeed, ctx: &Context) -> Result<Action, Error> {
         images.push(state);
     }
     st.images = images;
-    st.last_resolved = Some(now());
+    if asked_registry {
+        st.last_resolved = Some(now());
+    }
     if resolved.len() < seed.spec.images.len() {
         let failed: Vec<String> = st
             .images

@@ -1770,3 +1770,50 @@ async fn a_manual_rebuild_policy_keeps_the_digests_until_the_spec_changes() {
     reconcile(Arc::new(s), ctx).await.expect("reconcile");
     scenario.await.expect("the scenario");
 }
+
+#[tokio::test]
+async fn a_settled_seed_is_left_alone_until_its_resolve_interval() {
+    // Reconciles follow every status write; a settled seed must converge:
+    // no registry call before resolveInterval, and no write when nothing
+    // changed (else each write would trigger the next).
+    let key = key_for(D1);
+    let snap = json!({"snapshotId": "snap-1", "manifestDigest": D2, "seedKey": key,
+                      "created": "2026-11-26T00:00:00Z", "complete": true});
+    let a_minute_ago = (k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::from_secs(60))
+    .strftime("%Y-%m-%dT%H:%M:%SZ")
+    .to_string();
+    let status = json!({"phase": "Ready", "seedKey": key, "observedGeneration": 1, "current": snap,
+                        "history": [snap], "lastResolved": a_minute_ago,
+                        "images": [{"reference": "registry.example:5000/app:1", "resolvedDigest": D1,
+                                    "inCurrentSnapshot": true, "failureCount": 0}]});
+    let v = seed_json(true, status);
+    // The tag has moved meanwhile; it is only seen at the next interval.
+    let (ctx, mut api, _) = context(&[("registry.example:5000/app:1", D2)]);
+    let obj = v.clone();
+    let first = tokio::spawn(async move {
+        let st = api
+            .expect(Method::PATCH, &format!("{SEEDS}/web/status"), |s| {
+                ok(with_status(&obj, &s.body))
+            })
+            .await;
+        api.done().await;
+        with_status(&obj, &st.body)
+    });
+    reconcile(Arc::new(serde_json::from_value(v).unwrap()), ctx)
+        .await
+        .expect("reconcile");
+    let settled = first.await.expect("the scenario");
+    assert_eq!(settled["status"]["images"][0]["resolvedDigest"], D1);
+    assert_eq!(
+        settled["status"]["lastResolved"].as_str(),
+        Some(a_minute_ago.as_str())
+    );
+
+    let (ctx, api, _) = context(&[("registry.example:5000/app:1", D2)]);
+    let second = tokio::spawn(async move { api.done().await });
+    reconcile(Arc::new(serde_json::from_value(settled).unwrap()), ctx)
+        .await
+        .expect("reconcile");
+    second.await.expect("no request at all on the second pass");
+}
