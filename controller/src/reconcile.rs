@@ -856,12 +856,7 @@ async fn roll_out(seed: &ImageSeed, ctx: &Context, st: &mut ImageSeedStatus, key
                 t.version = Some(v);
                 // The default before coral's first version: what `Delete`
                 // restores.
-                t.original_version = st
-                    .targets
-                    .iter()
-                    .find(|x| x.kind == t.kind && x.name == t.name)
-                    .and_then(|b| b.original_version)
-                    .or(Some(replaced));
+                t.original_version = t.original_version.or(Some(replaced));
                 let note = format!(
                     "launch template {id} version {v} (default) has snapshot {}",
                     current.snapshot_id

@@ -154,13 +154,26 @@ pub async fn node_class(
     if spec["blockDeviceMappings"].as_array() == Some(&want) {
         return Ok(false);
     }
+    write_mappings(&api, &nc, want).await?;
+    Ok(true)
+}
+
+/// Replaces a class's whole (atomic) mapping list with a merge patch that
+/// carries the `resourceVersion` read: a concurrent change makes it fail,
+/// and the next reconcile redoes it from the new state.
+async fn write_mappings(
+    api: &Api<DynamicObject>,
+    nc: &DynamicObject,
+    list: Vec<Value>,
+) -> Result<(), Error> {
     let patch = json!({
         "metadata": {"resourceVersion": nc.metadata.resource_version},
-        "spec": {"blockDeviceMappings": want},
+        "spec": {"blockDeviceMappings": list},
     });
+    let name = nc.metadata.name.as_deref().unwrap_or_default();
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    Ok(true)
+    Ok(())
 }
 
 pub(crate) fn ec2_error<E>(what: &str, e: aws_sdk_ec2::error::SdkError<E>) -> Error
@@ -427,12 +440,7 @@ pub async fn remove_from_node_class(
     if keep.len() == list.len() {
         return Ok(false);
     }
-    let patch = json!({
-        "metadata": {"resourceVersion": nc.metadata.resource_version},
-        "spec": {"blockDeviceMappings": keep},
-    });
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    write_mappings(&api, &nc, keep).await?;
     Ok(true)
 }
 
