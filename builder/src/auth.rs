@@ -155,17 +155,36 @@ impl Credentials {
                 }
             }
         };
-        let text = std::fs::read(&path).map_err(|source| AuthError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let config: DockerConfig =
-            serde_json::from_slice(&text).map_err(|source| AuthError::Parse {
+        Credentials::load_all(&[path])
+    }
+
+    /// Reads every file of `paths` and merges them in order: a later file's
+    /// entry wins for the same registry (`auths`, `credHelpers`), and its
+    /// `credsStore` replaces an earlier one. (A builder Job gets one file per
+    /// pull secret.) No paths: [`Credentials::load`]'s defaults.
+    pub fn load_all(paths: &[PathBuf]) -> Result<Credentials, AuthError> {
+        if paths.is_empty() {
+            return Credentials::load(None);
+        }
+        let mut merged = DockerConfig::default();
+        for path in paths {
+            let text = std::fs::read(path).map_err(|source| AuthError::Read {
                 path: path.clone(),
                 source,
             })?;
+            let config: DockerConfig =
+                serde_json::from_slice(&text).map_err(|source| AuthError::Parse {
+                    path: path.clone(),
+                    source,
+                })?;
+            merged.auths.extend(config.auths);
+            merged.cred_helpers.extend(config.cred_helpers);
+            if config.creds_store.is_some() {
+                merged.creds_store = config.creds_store;
+            }
+        }
         let creds = Credentials {
-            config,
+            config: merged,
             ..Credentials::default()
         };
         // Decode every static entry now, so a broken one fails the build
@@ -473,6 +492,37 @@ mod tests {
             c.lookup("quay.io").await.unwrap(),
             RegistryAuth::Anonymous
         ));
+    }
+
+    /// A builder Job passes one config per pull secret: all are used, and
+    /// a later one wins for the same registry.
+    #[tokio::test]
+    async fn several_configs_merge_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = dir.path().join("one.json");
+        let two = dir.path().join("two.json");
+        std::fs::write(
+            &one,
+            r#"{"auths": {"a.example": {"username": "a", "password": "1"},
+                          "b.example": {"username": "b", "password": "old"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            &two,
+            r#"{"auths": {"b.example": {"username": "b", "password": "new"}}}"#,
+        )
+        .unwrap();
+        let c = Credentials::load_all(&[one, two]).unwrap();
+        assert_eq!(
+            basic(c.lookup("a.example").await.unwrap()),
+            ("a".into(), "1".into())
+        );
+        assert_eq!(
+            basic(c.lookup("b.example").await.unwrap()),
+            ("b".into(), "new".into())
+        );
+        let missing = Credentials::load_all(&[dir.path().join("none.json")]);
+        assert!(missing.unwrap_err().to_string().contains("none.json"));
     }
 
     #[test]

@@ -157,9 +157,11 @@ struct BuildArgs {
     #[arg(long, value_name = "SIZE")]
     max_unpacked: Option<String>,
     /// A docker config.json with `auths` / `credHelpers` / `credsStore`
-    /// (default: $DOCKER_CONFIG/config.json, then ~/.docker/config.json).
+    /// (repeatable: merged in order, a later file winning for the same
+    /// registry; default: $DOCKER_CONFIG/config.json, then
+    /// ~/.docker/config.json).
     #[arg(long, value_name = "FILE")]
-    registry_config: Option<PathBuf>,
+    registry_config: Vec<PathBuf>,
     /// A registry (HOST:PORT) spoken to over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
@@ -254,6 +256,10 @@ fn main() -> ExitCode {
         Command::Snapshot { path, snapshot } => runtime.block_on(snapshot_cmd(&path, &snapshot)),
         Command::Verify { path, json } => verify_cmd(&path, json),
     };
+    // A blocking task that cannot be cancelled (a DNS lookup that hangs,
+    // say) must not keep the process past its deadline: the result is
+    // known, so the runtime gets a moment to wind down, no more.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -393,8 +399,8 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     // Checked before any pulling.
     let snapshot_opts = args.snapshot.options()?;
 
-    let credentials = Credentials::load(args.registry_config.as_deref())?
-        .with_ecr_registries(&args.ecr_registries);
+    let credentials =
+        Credentials::load_all(&args.registry_config)?.with_ecr_registries(&args.ecr_registries);
     let client = Arc::new(RegistryClient::new(
         RegistryOptions {
             insecure,

@@ -507,21 +507,15 @@ pub async fn collect_volumes(seed: &ImageSeed, ctx: &Context) -> Result<Vec<Stri
 }
 
 /// Whether a node has no seed volume to import from, by what its node
-/// mounter left: a failed run whose message says no volume was found, or
-/// no status file at all once `grace` has passed since the agent started
-/// (the mounter did not run). Such a node gets its images by prefetch.
+/// mounter left: a finished run that found no volume (`noVolume`, which
+/// the mounter sets when there was none to mount or none where it
+/// looked), or no status file at all once `grace` has passed since the
+/// agent started (the mounter did not run). Such a node gets its images by
+/// prefetch.
 pub fn needs_prefetch(status: Option<&Value>, since_start: Duration, grace: Duration) -> bool {
     match status {
         None => since_start >= grace,
-        Some(s) => {
-            s["phase"] == "failed"
-                && s["message"].as_str().is_some_and(|m| {
-                    let m = m.to_lowercase();
-                    m.contains("no seed volume")
-                        || m.contains("no device")
-                        || m.contains("not found")
-                })
-        }
+        Some(s) => s["noVolume"] == true && matches!(s["phase"].as_str(), Some("failed" | "done")),
     }
 }
 

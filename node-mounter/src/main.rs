@@ -380,15 +380,35 @@ fn mount_cmd(args: MountArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// No seed volume where one was looked for.
+#[derive(Debug, thiserror::Error)]
+#[error("no seed volume at {}: {} does not exist", .root.display(), .manifest.display())]
+struct NoVolume {
+    root: PathBuf,
+    manifest: PathBuf,
+}
+
 fn read_manifest(root: &Path, expect: Option<&str>) -> Result<SeedManifest> {
     let path = SeedLayout::new(root).manifest();
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "reading {}: is a seed volume mounted at {}?",
-            path.display(),
-            root.display()
-        )
-    })?;
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(NoVolume {
+                root: root.to_path_buf(),
+                manifest: path,
+            }
+            .into());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "reading {}: is a seed volume mounted at {}?",
+                    path.display(),
+                    root.display()
+                )
+            });
+        }
+    };
     if let Some(want) = expect {
         let want: Digest = want.parse().context("--expect")?;
         let got = Digest::sha256_of(&bytes);
@@ -499,8 +519,11 @@ async fn import(
     sf.write_or_warn();
 
     let adopting = async {
+        // The volume first: without one there is nothing to wait for
+        // containerd for (the status says so at once).
+        let manifest = read_manifest(seed, args.expect.as_deref())?;
         wait_for_containerd(&args.address).await;
-        adopt_volume(seed, args).await
+        adopt_volume(seed, &manifest, args).await
     };
     let adopted = tokio::time::timeout_at(deadline.into(), adopting)
         .await
@@ -529,6 +552,7 @@ async fn import(
         }
         Err(e) => {
             eprintln!("coral-node-mounter: error: adopting the volume: {e:#}");
+            sf.set_no_volume(mount_error.is_some() || e.chain().any(|c| c.is::<NoVolume>()));
             sf.set_message(Some(match &mount_error {
                 Some(m) => m.clone(),
                 None => format!("adopting the volume failed: {e:#}"),
@@ -572,7 +596,18 @@ async fn import(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_phase(Phase::Pulling);
-        let credentials = load_credentials(&args.pull)?;
+        let credentials = match load_credentials(&args.pull) {
+            Ok(c) => c,
+            Err(e) => {
+                // The status must not stay "pulling" for ever.
+                let mut sf = status.lock().unwrap_or_else(|p| p.into_inner());
+                sf.set_phase(Phase::Failed);
+                sf.set_message(Some(format!("{e:#}")));
+                sf.set_exit_code(status::EXIT_FAILED);
+                sf.write_or_warn();
+                return Err(e);
+            }
+        };
         let options = PullOptions {
             address: args.address.clone(),
             concurrency: fallback::DEFAULT_CONCURRENCY,
@@ -624,9 +659,13 @@ async fn import(
     Ok(ExitCode::from(code))
 }
 
-/// Reads the volume's manifest (checking `--expect`) and adopts it.
-async fn adopt_volume(seed: &Path, args: &ImportFlags) -> Result<adopt::AdoptReport> {
-    let manifest = read_manifest(seed, args.expect.as_deref())?;
+/// Adopts the volume at `seed`, whose manifest (checked against
+/// `--expect`) is `manifest`.
+async fn adopt_volume(
+    seed: &Path,
+    manifest: &SeedManifest,
+    args: &ImportFlags,
+) -> Result<adopt::AdoptReport> {
     let platform = match &args.platform {
         Some(p) => p
             .parse::<Platform>()
@@ -648,7 +687,7 @@ async fn adopt_volume(seed: &Path, args: &ImportFlags) -> Result<adopt::AdoptRep
     let channel = containerd_client::connect(&args.address)
         .await
         .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
-    adopt::adopt(channel, seed, &manifest, &opts).await
+    adopt::adopt(channel, seed, manifest, &opts).await
 }
 
 fn prefetch_cmd(args: PrefetchArgs) -> Result<ExitCode> {

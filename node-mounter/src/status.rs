@@ -137,6 +137,11 @@ pub struct Status {
     /// The code the command exits with, once it is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<u8>,
+    /// No seed volume was found (none to mount, or none mounted where the
+    /// import looked): such a node gets its images by other means (the
+    /// node agent's prefetch).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_volume: bool,
     /// Every wanted image, in the order they were first mentioned.
     #[serde(default)]
     pub images: Vec<ImageStatus>,
@@ -220,6 +225,7 @@ impl StatusFile {
             updated_at: now,
             message: None,
             exit_code: None,
+            no_volume: false,
             images: Vec::new(),
         }
     }
@@ -242,6 +248,10 @@ impl StatusFile {
 
     pub fn set_exit_code(&mut self, code: u8) {
         self.status.exit_code = Some(code);
+    }
+
+    pub fn set_no_volume(&mut self, no_volume: bool) {
+        self.status.no_volume = no_volume;
     }
 
     /// Replaces the entry for `image.reference`, or appends it.

@@ -19,6 +19,7 @@ pub mod cri;
 pub mod ebsproxy;
 pub mod faultproxy;
 pub mod fixtures;
+pub mod manifests;
 pub mod moto;
 pub mod process;
 pub mod push;

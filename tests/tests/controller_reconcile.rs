@@ -1593,10 +1593,31 @@ fn a_node_without_a_volume_prefetches_the_seeded_images_with_the_mounter() {
     // No status file: only after the grace period.
     assert!(!needs_prefetch(None, Duration::from_secs(30), grace));
     assert!(needs_prefetch(None, Duration::from_secs(121), grace));
-    // A mounter that found no volume says so; one that is importing or
-    // failed otherwise does not trigger a prefetch.
-    let none = json!({"phase": "failed", "message": "no seed volume found: no device labelled coral-seed"});
-    assert!(needs_prefetch(Some(&none), Duration::ZERO, grace));
+    // A real node mounter that finds no volume says so in its status file
+    // (here: an import where containerd's root holds no volume); one that
+    // is importing or failed otherwise does not trigger a prefetch.
+    let dir = tempfile::tempdir().unwrap();
+    let status_file = dir.path().join("status.json");
+    let out = std::process::Command::new(coral_tests::workspace_bin("coral-node-mounter").unwrap())
+        .args(["import", "--deadline", "5s", "--seed"])
+        .arg(dir.path())
+        .arg("--address")
+        .arg(dir.path().join("containerd.sock"))
+        .arg("--status-file")
+        .arg(&status_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(20), "{out:?}");
+    let none: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+    assert!(needs_prefetch(Some(&none), Duration::ZERO, grace), "{none}");
+    let mut broken = none.clone();
+    broken["noVolume"] = json!(false);
+    assert!(!needs_prefetch(
+        Some(&broken),
+        Duration::from_secs(999),
+        grace
+    ));
     assert!(!needs_prefetch(
         Some(&json!({"phase": "importing"})),
         Duration::from_secs(999),
