@@ -730,6 +730,11 @@ pub(crate) fn normalise_metadata(layout: &SeedLayout, epoch: i64) -> Result<()> 
     ] {
         fix(&d, true).with_context(|| ctx(&d))?;
     }
+    // Root only below .coral, as containerd keeps its own content and
+    // snapshots: the layer trees hold images' setuid files and device
+    // nodes, which local users on a node must not reach through the mount.
+    std::fs::set_permissions(layout.dir(), std::fs::Permissions::from_mode(0o700))
+        .with_context(|| ctx(&layout.dir()))?;
     Ok(())
 }
 

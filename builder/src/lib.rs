@@ -8,6 +8,8 @@ pub mod auth;
 pub mod base;
 pub mod build;
 pub mod fsimage;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod progress;
 pub mod registry;
 pub mod resolve;

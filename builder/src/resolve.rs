@@ -120,6 +120,34 @@ pub struct ResolvedImage {
     pub images: Vec<PlatformImage>,
 }
 
+/// For the fuzzer ([`crate::fuzzing::oci_document`]): `bytes` read as an
+/// index, a manifest and a config, with the checks [`resolve`] makes on
+/// each (platforms, media types, foreign layers, diff IDs and chain IDs).
+#[doc(hidden)]
+pub fn check_documents(bytes: &[u8]) {
+    if let Ok(idx) = serde_json::from_slice::<Index>(bytes) {
+        for d in &idx.manifests {
+            let _ = d.platform.as_ref().and_then(platform_of);
+        }
+    }
+    if let Ok(m) = serde_json::from_slice::<Manifest>(bytes) {
+        let _ = CONFIG_TYPES.contains(&m.config.media_type.as_str());
+        for d in &m.layers {
+            let _ = Compression::from_media_type(&d.media_type);
+            let _ = d.urls.as_ref().is_some_and(|u| !u.is_empty());
+        }
+    }
+    if let Ok(c) = serde_json::from_slice::<Config>(bytes) {
+        let s = match &c.variant {
+            Some(v) if !v.is_empty() => format!("{}/{}/{}", c.os, c.architecture, v),
+            _ => format!("{}/{}", c.os, c.architecture),
+        };
+        let _ = s.parse::<Platform>();
+        let chains = ChainId::chain(&c.rootfs.diff_ids);
+        assert_eq!(chains.len(), c.rootfs.diff_ids.len());
+    }
+}
+
 fn platform_of(p: &DescPlatform) -> Option<Platform> {
     let s = match &p.variant {
         Some(v) if !v.is_empty() => format!("{}/{}/{}", p.os, p.architecture, v),

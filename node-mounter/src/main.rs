@@ -522,6 +522,9 @@ async fn import(
         // The volume first: without one there is nothing to wait for
         // containerd for (the status says so at once).
         let manifest = read_manifest(seed, args.expect.as_deref())?;
+        // One import of a volume at a time: a second one started meanwhile
+        // waits, then finds everything in place.
+        let _lock = lock_import(seed).await?;
         wait_for_containerd(&args.address).await;
         adopt_volume(seed, &manifest, args).await
     };
@@ -657,6 +660,33 @@ async fn import(
         );
     }
     Ok(ExitCode::from(code))
+}
+
+/// An exclusive `flock` on the volume's root, held while importing from
+/// it: taken at once when free, else waited for (saying so once); the
+/// caller's deadline bounds the wait.
+async fn lock_import(seed: &Path) -> Result<std::fs::File> {
+    let dir = std::fs::File::open(seed).with_context(|| format!("opening {}", seed.display()))?;
+    let mut said = false;
+    loop {
+        match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(dir),
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                if !said {
+                    eprintln!(
+                        "coral-node-mounter: another import of {} is running; waiting for it",
+                        seed.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(std::io::Error::from(e))
+                    .with_context(|| format!("locking {}", seed.display()));
+            }
+        }
+    }
 }
 
 /// Adopts the volume at `seed`, whose manifest (checked against

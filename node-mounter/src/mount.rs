@@ -686,7 +686,11 @@ fn attach_and_mount(
     let fs = probe_fs(&device)?;
     let mut flags = rustix::mount::MountFlags::NOATIME;
     if opts.read_only {
-        flags |= rustix::mount::MountFlags::RDONLY;
+        // Read-only is a copy-mode source: only the mounter reads it, and
+        // it never runs, opens as devices or trusts setuid bits of what is
+        // there (device nodes are copied by their metadata).
+        use rustix::mount::MountFlags as F;
+        flags |= F::RDONLY | F::NOSUID | F::NODEV | F::NOEXEC;
     }
     rustix::mount::mount(&device, target, fs.as_str(), flags, None::<&CStr>).map_err(|e| {
         MountError::Mount {

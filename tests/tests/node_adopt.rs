@@ -485,6 +485,61 @@ async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> 
     Ok(())
 }
 
+/// Two node mounters started at once on one node (two units, a unit and a
+/// DaemonSet): the second waits for the first's lock, then finds every
+/// image in place. Both succeed and the node ends as a pull leaves it.
+#[tokio::test]
+async fn two_imports_started_at_once_take_turns_and_both_succeed() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let node = workspace_bin("coral-node-mounter")?;
+    let b = containerd::available()?
+        .into_iter()
+        .next()
+        .context("no containerd")?;
+    let (pulled, want) = pulled_reference(&b, &reg).await?;
+    drop(pulled);
+    let vol = Mounted::read_write(&built)?;
+    let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+    let c = Containerd::start_with_root(&b, &[&reg], state, vol.0.clone()).await?;
+    let start = || {
+        Command::new(&node)
+            .arg("import")
+            .arg("--address")
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0)
+            .arg("--json")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let (one, two) = (start()?, start()?);
+    let (one, two) = (one.wait_with_output()?, two.wait_with_output()?);
+    for o in [&one, &two] {
+        ensure!(
+            o.status.success(),
+            "an import failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let waited = [&one, &two]
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("another import"))
+        .count();
+    ensure!(
+        waited == 1,
+        "{waited} imports said they waited for the other"
+    );
+    ensure!(cri_images(&c).await? == want, "CRI differs from a pull");
+    images_check(&c)?;
+    check_runs(&c, corpus, &reg.host()).await?;
+    Ok(())
+}
+
 /// `--mode copy`: the volume mounted read-only beside a containerd with its
 /// own root. Every image the volume holds ends up as a pull leaves it; the
 /// one left off the volume arrives through the CRI fallback.
