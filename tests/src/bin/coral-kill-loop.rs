@@ -149,7 +149,7 @@ fn builder_loop(reg: &Registry, rng: &mut Rng, iterations: u32, dir: &Path) -> R
     ensure!(sha256_file(&output)? == want, "the final build differs");
     run(Command::new(&bin).arg("verify").arg(&output))?;
     Ok(format!(
-        "builder: {iterations} rounds, {kills} killed mid-build, {complete} finished before the kill; every output intact, final volume identical (build {full:.2?})"
+        "builder: {iterations} rounds, {kills} killed before exiting, {complete} left a finished volume (each intact and identical); final volume identical (build {full:.2?})"
     ))
 }
 
