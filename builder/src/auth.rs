@@ -52,6 +52,16 @@ struct DockerConfig {
     creds_store: Option<String>,
 }
 
+impl DockerConfig {
+    /// `bytes` (from `what`, named in the error) as a docker config.json.
+    fn parse(what: &Path, bytes: &[u8]) -> Result<DockerConfig, AuthError> {
+        serde_json::from_slice(bytes).map_err(|source| AuthError::Parse {
+            path: what.to_path_buf(),
+            source,
+        })
+    }
+}
+
 #[derive(Default, Deserialize)]
 struct AuthEntry {
     #[serde(default)]
@@ -172,27 +182,14 @@ impl Credentials {
                 path: path.clone(),
                 source,
             })?;
-            let config: DockerConfig =
-                serde_json::from_slice(&text).map_err(|source| AuthError::Parse {
-                    path: path.clone(),
-                    source,
-                })?;
+            let config = DockerConfig::parse(path, &text)?;
             merged.auths.extend(config.auths);
             merged.cred_helpers.extend(config.cred_helpers);
             if config.creds_store.is_some() {
                 merged.creds_store = config.creds_store;
             }
         }
-        let creds = Credentials {
-            config: merged,
-            ..Credentials::default()
-        };
-        // Decode every static entry now, so a broken one fails the build
-        // before any pull starts, naming the registry.
-        for key in creds.config.auths.keys() {
-            creds.static_entry(key)?;
-        }
-        Ok(creds)
+        Credentials::checked(merged)
     }
 
     /// Credentials from the `auths` of docker config.json texts (e.g. the
@@ -202,11 +199,7 @@ impl Credentials {
     pub fn from_auths(sources: &[(String, Vec<u8>)]) -> Result<Credentials, AuthError> {
         let mut merged = DockerConfig::default();
         for (what, bytes) in sources {
-            let config: DockerConfig =
-                serde_json::from_slice(bytes).map_err(|source| AuthError::Parse {
-                    path: PathBuf::from(what),
-                    source,
-                })?;
+            let config = DockerConfig::parse(Path::new(what), bytes)?;
             if !config.cred_helpers.is_empty() || config.creds_store.is_some() {
                 return Err(AuthError::Entry {
                     registry: what.clone(),
@@ -217,8 +210,14 @@ impl Credentials {
             }
             merged.auths.extend(config.auths);
         }
+        Credentials::checked(merged)
+    }
+
+    /// `config` as credentials, every static entry decoded now, so that a
+    /// broken one fails before any pull starts, naming the registry.
+    fn checked(config: DockerConfig) -> Result<Credentials, AuthError> {
         let creds = Credentials {
-            config: merged,
+            config,
             ..Credentials::default()
         };
         for key in creds.config.auths.keys() {

@@ -55,3 +55,34 @@ pub fn on_loopback(reference: &str) -> String {
     let rest = reference.split_once('/').map_or(reference, |(_, r)| r);
     format!("127.0.0.1:9/{rest}")
 }
+
+/// coral-builder accepts `args` (its parser and option checks): run with
+/// `--deadline 1ms` it gets as far as the deadline (exit 1, naming it), so
+/// nothing is pulled. `broken`, a copy with a misspelled flag, must be a
+/// usage error (exit 2), so that acceptance means something. Image hosts in
+/// `args` should be [`on_loopback`]; IMDS is off, so nothing leaves the
+/// machine.
+pub fn builder_accepts(args: &[String], broken: &[String]) -> Result<()> {
+    let bin = crate::workspace_bin("coral-builder")?;
+    let o = Command::new(&bin)
+        .args(args)
+        .args(["--deadline", "1ms"])
+        .env("CORAL_LOG", "error")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()?;
+    ensure!(
+        o.status.code() == Some(1) && text(&o).contains("--deadline"),
+        "coral-builder {}: {:?}\n{}",
+        args.join(" "),
+        o.status,
+        text(&o)
+    );
+    let o = Command::new(&bin).args(broken).output()?;
+    ensure!(
+        o.status.code() == Some(2),
+        "a misspelled flag: {:?}\n{}",
+        o.status,
+        text(&o)
+    );
+    Ok(())
+}
