@@ -30,6 +30,12 @@ pub enum Fault {
     Truncate(f64),
     /// Send the headers and half the body, then send nothing for this long.
     StallMidBody(Duration),
+    /// Answer `307 Temporary Redirect` to this origin (`http://host:port`),
+    /// the same path: a registry sending blobs to a CDN, or anywhere.
+    Redirect(String),
+    /// Answer 200 with no length and a body that never ends (zeros, for as
+    /// long as the client reads).
+    Endless,
 }
 
 #[derive(Debug, Clone)]
@@ -338,6 +344,28 @@ async fn handle(
             c.stalls.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(*d).await;
             return Ok(());
+        }
+        Some(Fault::Redirect(origin)) => {
+            c.statuses.fetch_add(1, Ordering::Relaxed);
+            let resp = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {origin}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            client.write_all(resp.as_bytes()).await?;
+            client.shutdown().await?;
+            return Ok(());
+        }
+        Some(Fault::Endless) => {
+            c.statuses.fetch_add(1, Ordering::Relaxed);
+            client
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+                .await?;
+            let zeros = vec![0u8; 64 * 1024];
+            // Until the client hangs up (a write then fails).
+            loop {
+                client.write_all(&zeros).await?;
+                c.bytes_forwarded
+                    .fetch_add(zeros.len() as u64, Ordering::Relaxed);
+            }
         }
         _ => {}
     }

@@ -299,3 +299,126 @@ async fn a_full_disk_fails_the_build_clearly_and_a_retry_with_room_succeeds() ->
     coral_tests::process::run(Command::new(&builder).arg("verify").arg(&out))?;
     Ok(())
 }
+
+/// Runs a build of `coral/tiny` through `proxy`; returns the process output
+/// and whether an output was left.
+fn build_through(
+    proxy: &FaultProxy,
+    out: &std::path::Path,
+) -> Result<(std::process::Output, bool)> {
+    let o = Command::new(workspace_bin("coral-builder")?)
+        .args(["build", "--progress", "none", "--platform", "linux/amd64"])
+        .args([
+            "--retries",
+            "1",
+            "--read-timeout",
+            "2s",
+            "--deadline",
+            "60s",
+        ])
+        .args(["--insecure-registry", &proxy.host()])
+        .args(["--image", &format!("{}/coral/tiny:latest", proxy.host())])
+        .arg("--output")
+        .arg(out)
+        .output()
+        .context("running the builder")?;
+    Ok((o, out.exists()))
+}
+
+/// A registry that sends blobs elsewhere, as registries send them to a
+/// CDN: to another origin serving the right bytes, the build succeeds; to
+/// one serving other bytes, it fails naming the blob's digest, with no
+/// output. Whatever a redirect says, the bytes are checked against the
+/// digest the manifest named.
+#[tokio::test]
+async fn blobs_redirected_to_another_host_are_verified_like_any_other() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-redirect-")
+        .tempdir()?;
+    // The "CDN": another origin (its own port) in front of the registry.
+    let cdn = FaultProxy::start(&reg.host(), FaultPlan::none())?;
+    let front = FaultProxy::start(
+        &reg.host(),
+        FaultPlan::none().with(
+            Some("/blobs/"),
+            Fault::Redirect(format!("http://{}", cdn.host())),
+            When::Always,
+        ),
+    )?;
+    let out = work.path().join("good.img");
+    let (o, left) = build_through(&front, &out)?;
+    ensure!(
+        o.status.success() && left,
+        "through an honest redirect: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(
+        cdn.counters.bytes_forwarded.load(Ordering::Relaxed) > 0,
+        "no blob came from the other origin"
+    );
+    // An origin that serves something else for every blob.
+    let evil = FaultProxy::start(
+        &reg.host(),
+        FaultPlan::none().with(Some("/blobs/"), Fault::Truncate(0.5), When::Always),
+    )?;
+    front.set_plan(FaultPlan::none().with(
+        Some("/blobs/"),
+        Fault::Redirect(format!("http://{}", evil.host())),
+        When::Always,
+    ));
+    let out = work.path().join("bad.img");
+    let (o, left) = build_through(&front, &out)?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success(),
+        "a build from the wrong bytes succeeded"
+    );
+    ensure!(!left, "an output was left: {stderr}");
+    ensure!(
+        stderr.contains("coral/tiny") && stderr.contains("sha256:"),
+        "the error names neither image nor blob: {stderr}"
+    );
+    Ok(())
+}
+
+/// A registry whose blob bodies never end: the builder stops reading at
+/// the size the manifest declared (it never holds more than a buffer), and
+/// the build fails with a clear message within its deadline, no output.
+#[tokio::test]
+async fn an_endless_blob_body_is_cut_at_its_declared_size() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-endless-")
+        .tempdir()?;
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        FaultPlan::none().with(Some("/blobs/"), Fault::Endless, When::Always),
+    )?;
+    let out = work.path().join("never.img");
+    let started = std::time::Instant::now();
+    let (o, left) = build_through(&proxy, &out)?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(!o.status.success(), "the build succeeded");
+    ensure!(!left, "an output was left");
+    ensure!(
+        stderr.contains("coral/tiny") && stderr.contains("sha256:"),
+        "the error names neither image nor blob: {stderr}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(60),
+        "not bounded by the deadline"
+    );
+    // tiny's blobs are a few KiB; what the proxy could write beyond what
+    // the builder read is what socket buffers hold. A reader that kept
+    // going would have pulled far more before the deadline.
+    let read = proxy.counters.bytes_forwarded.load(Ordering::Relaxed);
+    println!("{stderr}\nthe proxy wrote {read} bytes");
+    ensure!(
+        read < 16 << 20,
+        "{read} bytes written to the builder: it kept reading"
+    );
+    Ok(())
+}
