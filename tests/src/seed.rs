@@ -92,3 +92,35 @@ impl Drop for UnmountOnDrop {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// A tmpfs of a given size at a fresh directory, for full-disk tests;
+/// unmounted on drop. Needs root.
+pub struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    pub fn new(mib: u64) -> Result<SmallFs> {
+        let dir = tempfile::Builder::new().prefix("coral-full-").tempdir()?;
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "coral-full"])
+            .arg(dir.path()))?;
+        Ok(SmallFs(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Grows (or shrinks) it in place, keeping what it holds.
+    pub fn resize(&self, mib: u64) -> Result<()> {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.0.path()))?;
+        Ok(())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}

@@ -228,36 +228,6 @@ async fn endless_faults_fail_the_build_with_a_clear_message_and_no_output() -> R
     Ok(())
 }
 
-/// A tmpfs of `mib` MiB at a fresh directory, unmounted on drop.
-struct SmallFs(tempfile::TempDir);
-
-impl SmallFs {
-    fn new(mib: u64) -> Result<SmallFs> {
-        let dir = tempfile::Builder::new().prefix("coral-full-").tempdir()?;
-        coral_tests::process::run(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "coral-full"])
-                .arg(dir.path()),
-        )?;
-        Ok(SmallFs(dir))
-    }
-
-    fn resize(&self, mib: u64) -> Result<()> {
-        coral_tests::process::run(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={mib}m")])
-                .arg(self.0.path()),
-        )?;
-        Ok(())
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 /// The disk fills during a build (its work directory and output on a
 /// 16 MiB file system, minbase unpacks to far more): the build fails
 /// naming the full disk, leaves no output, and once there is room the same
@@ -266,8 +236,8 @@ impl Drop for SmallFs {
 async fn a_full_disk_fails_the_build_clearly_and_a_retry_with_room_succeeds() -> Result<()> {
     let corpus = Corpus::get()?;
     let reg = corpus.plain_registry()?;
-    let fs = SmallFs::new(16)?;
-    let out = fs.0.path().join("seed.img");
+    let fs = coral_tests::seed::SmallFs::new(16)?;
+    let out = fs.path().join("seed.img");
     let builder = workspace_bin("coral-builder")?;
     let mut cmd = Command::new(&builder);
     cmd.args(["build", "--progress", "none", "--platform", "linux/amd64"])
@@ -279,7 +249,7 @@ async fn a_full_disk_fails_the_build_clearly_and_a_retry_with_room_succeeds() ->
         .arg("--output")
         .arg(&out)
         .arg("--work-dir")
-        .arg(fs.0.path().join("work"))
+        .arg(fs.path().join("work"))
         .args(["--deadline", "120s"]);
     let o = cmd.output()?;
     let stderr = String::from_utf8_lossy(&o.stderr);

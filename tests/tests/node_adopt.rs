@@ -540,6 +540,79 @@ async fn two_imports_started_at_once_take_turns_and_both_succeed() -> Result<()>
     Ok(())
 }
 
+/// The disk fills during a copy-mode import (containerd's root on a 48 MiB
+/// file system; the images take far more): the import fails (exit 20,
+/// status `failed`) saying the disk is full, and no image is left that
+/// looks usable but is not: whatever containerd lists is complete. Once
+/// there is room, the same import finishes and the node is as a pull
+/// leaves it. Needs root (tmpfs, overlay).
+#[tokio::test]
+async fn a_full_disk_during_a_copy_import_fails_clearly_and_a_rerun_with_room_completes()
+-> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-copy-full-")
+        .tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let vol = Mounted::new(&built)?;
+    let node = workspace_bin("coral-node-mounter")?;
+    let b = containerd::available()?
+        .into_iter()
+        .next()
+        .context("no containerd")?;
+    let (pulled, want) = pulled_reference(&b, &reg).await?;
+    drop(pulled);
+    let root = coral_tests::seed::SmallFs::new(48)?;
+    let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
+    let c = Containerd::start_with_root(&b, &[&reg], state, root.path().to_path_buf()).await?;
+    let status_file = work.path().join("status.json");
+    let import = || {
+        Command::new(&node)
+            .args([
+                "import",
+                "--mode",
+                "copy",
+                "--deadline",
+                "120s",
+                "--address",
+            ])
+            .arg(c.address())
+            .arg("--seed")
+            .arg(&vol.0)
+            .arg("--status-file")
+            .arg(&status_file)
+            .output()
+    };
+    let o = import()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(20),
+        "exit {:?}: {stderr}",
+        o.status.code()
+    );
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file)?)?;
+    ensure!(status["phase"] == "failed", "{status}");
+    ensure!(
+        format!("{stderr}{status}").contains("No space left on device")
+            || format!("{stderr}{status}").contains("no space left on device"),
+        "no word of the full disk:\n{stderr}\n{status}"
+    );
+    images_check(&c)?;
+    root.resize(4096)?;
+    let o = import()?;
+    ensure!(
+        o.status.success(),
+        "the import with room failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(cri_images(&c).await? == want, "CRI differs from a pull");
+    images_check(&c)?;
+    check_runs(&c, corpus, &reg.host()).await?;
+    Ok(())
+}
+
 /// `--mode copy`: the volume mounted read-only beside a containerd with its
 /// own root. Every image the volume holds ends up as a pull leaves it; the
 /// one left off the volume arrives through the CRI fallback.
