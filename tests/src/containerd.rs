@@ -117,6 +117,15 @@ fn version_key(v: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The first containerd of [`available`] (Debian's own, 1.6), for tests
+/// and programs that need one, not every version.
+pub fn first() -> Result<ContainerdBuild> {
+    available()?
+        .into_iter()
+        .next()
+        .context("no containerd installed (scripts/setup installs them)")
+}
+
 pub struct Containerd {
     // Field order matters: stop the daemon before removing its directories.
     service: Service,

@@ -14,6 +14,7 @@ use coral_tests::containerd::{self, Containerd};
 use coral_tests::cri;
 use coral_tests::fixtures::Corpus;
 use coral_tests::process::run;
+use coral_tests::registry::Registry;
 use coral_tests::seed::{Mounted, build};
 use coral_tests::treecmp::{self, Options};
 use coral_tests::workspace_bin;
@@ -132,6 +133,19 @@ async fn check_runs(c: &Containerd, corpus: &Corpus, reg_host: &str) -> Result<(
     Ok(())
 }
 
+/// The corpus' registry and a seed volume of [`IMAGES`] (linux/amd64)
+/// built from it, `seed.img` in a fresh work directory.
+fn volume_of_images(
+    prefix: &str,
+) -> Result<(&'static Corpus, Registry, tempfile::TempDir, PathBuf)> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let built = work.path().join("seed.img");
+    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    Ok((corpus, reg, work, built))
+}
+
 fn images_check(c: &Containerd) -> Result<()> {
     let out = run(c.ctr().args(["--namespace", "k8s.io", "images", "check"]))?;
     for line in out.lines().skip(1) {
@@ -165,11 +179,7 @@ async fn pulled_reference(
 
 #[tokio::test]
 async fn adopted_volume_equals_a_pull_in_every_containerd_without_copying() -> Result<()> {
-    let corpus = Corpus::get()?;
-    let reg = corpus.plain_registry()?;
-    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
-    let built = work.path().join("seed.img");
-    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let (corpus, reg, work, built) = volume_of_images("coral-adopt-")?;
     let node = workspace_bin("coral-node-mounter")?;
 
     for b in &containerd::available()? {
@@ -312,10 +322,7 @@ async fn adopt_refuses_a_volume_other_than_the_one_expected() -> Result<()> {
     let built = work.path().join("seed.img");
     build(&reg, &["tiny"], &["linux/amd64"], &built, &[])?;
     let vol = Mounted::read_write(&built)?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("containerd")?;
+    let b = containerd::first()?;
     let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
     let c = Containerd::start_with_root(&b, &[&reg], state, vol.0.clone()).await?;
     let wrong = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
@@ -428,11 +435,7 @@ fn check_runs_one(c: &Containerd, corpus: &Corpus, host: &str, name: &str) -> Re
 
 #[tokio::test]
 async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> {
-    let corpus = Corpus::get()?;
-    let reg = corpus.plain_registry()?;
-    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
-    let built = work.path().join("seed.img");
-    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let (corpus, reg, work, built) = volume_of_images("coral-adopt-")?;
     let node = workspace_bin("coral-node-mounter")?;
     for b in &containerd::available()? {
         let (pulled, want) = pulled_reference(b, &reg).await?;
@@ -490,16 +493,9 @@ async fn an_import_killed_at_any_point_converges_when_run_again() -> Result<()> 
 /// image in place. Both succeed and the node ends as a pull leaves it.
 #[tokio::test]
 async fn two_imports_started_at_once_take_turns_and_both_succeed() -> Result<()> {
-    let corpus = Corpus::get()?;
-    let reg = corpus.plain_registry()?;
-    let work = tempfile::Builder::new().prefix("coral-adopt-").tempdir()?;
-    let built = work.path().join("seed.img");
-    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let (corpus, reg, _work, built) = volume_of_images("coral-adopt-")?;
     let node = workspace_bin("coral-node-mounter")?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("no containerd")?;
+    let b = containerd::first()?;
     let (pulled, want) = pulled_reference(&b, &reg).await?;
     drop(pulled);
     let vol = Mounted::read_write(&built)?;
@@ -549,19 +545,10 @@ async fn two_imports_started_at_once_take_turns_and_both_succeed() -> Result<()>
 #[tokio::test]
 async fn a_full_disk_during_a_copy_import_fails_clearly_and_a_rerun_with_room_completes()
 -> Result<()> {
-    let corpus = Corpus::get()?;
-    let reg = corpus.plain_registry()?;
-    let work = tempfile::Builder::new()
-        .prefix("coral-copy-full-")
-        .tempdir()?;
-    let built = work.path().join("seed.img");
-    build(&reg, IMAGES, &["linux/amd64"], &built, &[])?;
+    let (corpus, reg, work, built) = volume_of_images("coral-copy-full-")?;
     let vol = Mounted::new(&built)?;
     let node = workspace_bin("coral-node-mounter")?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("no containerd")?;
+    let b = containerd::first()?;
     let (pulled, want) = pulled_reference(&b, &reg).await?;
     drop(pulled);
     let root = coral_tests::seed::SmallFs::new(48)?;

@@ -33,10 +33,7 @@ async fn run_mounts_the_volume_waits_for_containerd_and_adopts() -> Result<()> {
     let work = tempfile::Builder::new().prefix("coral-run-").tempdir()?;
     let image = work.path().join("seed.img");
     build(&reg, &["tiny", "layered"], &["linux/amd64"], &image, &[])?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("a containerd")?;
+    let b = containerd::first()?;
     let root = work.path().join("root");
     let status_file = work.path().join("status.json");
     // containerd's directory (and so its socket) is known before it starts.
@@ -131,10 +128,7 @@ async fn run_with_containerd_already_running_copies_and_leaves_its_root_alone() 
     let work = tempfile::Builder::new().prefix("coral-run-").tempdir()?;
     let image = work.path().join("seed.img");
     build(&reg, &["tiny"], &["linux/amd64"], &image, &[])?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("a containerd")?;
+    let b = containerd::first()?;
     let c = Containerd::start(&b, &[&reg]).await?;
     // `mount` itself refuses to slide a volume under a running containerd.
     let refused = Command::new(workspace_bin("coral-node-mounter")?)
@@ -204,10 +198,7 @@ async fn import_with_the_registry_down_retries_until_its_deadline() -> Result<()
     let image = work.path().join("seed.img");
     build(&reg, &["tiny"], &["linux/amd64"], &image, &[])?;
     let vol = coral_tests::seed::Mounted::new(&image)?;
-    let b = containerd::available()?
-        .into_iter()
-        .next()
-        .context("a containerd")?;
+    let b = containerd::first()?;
     let c = Containerd::start(&b, &[&reg]).await?;
     // A port nothing listens on: the registry is down.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;

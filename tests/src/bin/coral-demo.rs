@@ -81,10 +81,7 @@ async fn main() -> Result<()> {
         .arg(&volume))?;
     println!("  intact ({:.2?})", t.elapsed());
 
-    let build = containerd::available()?
-        .into_iter()
-        .next()
-        .context("no containerd installed")?;
+    let build = containerd::first()?;
     step(&format!(
         "a fresh node: containerd {} with an empty private root",
         build.version

@@ -164,10 +164,7 @@ async fn import_loop(
     let mut cmd = build_cmd(reg, &volume, &dir.join("volume-work"))?;
     run(&mut cmd)?;
     let node = workspace_bin("coral-node-mounter")?;
-    let build = containerd::available()?
-        .into_iter()
-        .next()
-        .context("no containerd")?;
+    let build = containerd::first()?;
     let check = corpus
         .image("minbase")
         .run
