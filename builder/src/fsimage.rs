@@ -47,6 +47,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::ext4bulk::{self, Swapped};
+
 /// A label both filesystems accept (xfs labels hold at most 12 bytes).
 pub const DEFAULT_LABEL: &str = "coral-seed";
 
@@ -711,6 +713,11 @@ struct Scan {
     /// Paths whose mtime has nanoseconds, which `mke2fs -d` 1.47.0 drops:
     /// the debugfs pass puts them back.
     nsec: Vec<(Vec<u8>, u32)>,
+    /// Regular files with one link and at least [`ext4bulk::BULK_MIN`]
+    /// bytes, in the scan's order (which depends on the names only: a
+    /// directory's entries sorted, then its subdirectories): their data is written by
+    /// [`crate::ext4bulk`], not by `mke2fs -d`.
+    bulk: Vec<Vec<u8>>,
 }
 
 /// What the staging tree needs on ext4 (the basis of [`size_for`]). Walks
@@ -731,6 +738,7 @@ fn scan_tree(root: &Path) -> Result<Scan, FsImageError> {
         usage: TreeUsage::default(),
         fixes: Vec::new(),
         nsec: Vec::new(),
+        bulk: Vec::new(),
     };
     let mut seen = HashSet::new();
     account(&mut scan, &mut seen, root, b"/".to_vec(), &meta)?;
@@ -794,6 +802,9 @@ fn account(
             extents += data_segments(path).map_err(io_err("reading", path))?;
         }
         scan.usage.bytes += round_up(allocated, BLOCK);
+        if meta.nlink() == 1 && meta.size() >= ext4bulk::BULK_MIN {
+            scan.bulk.push(rel.clone());
+        }
         if extents > EXTENTS_IN_INODE {
             scan.usage.bytes += extents.div_ceil(EXTENTS_PER_BLOCK) * BLOCK;
         }
@@ -920,14 +931,29 @@ pub fn make_image(
     let work = WorkDir::new("coral-fsimage")?;
     let auto = opts.size.is_none() && !target.is_device();
     let mut attempt = 1;
-    loop {
+    // Large files leave the tree for the image's making, and come back
+    // (also after an error; after a kill, the next build's `restore`).
+    let swapped = match opts.fs {
+        FsKind::Ext4 => ext4bulk::swap_out(staging, &scan.bulk)?,
+        FsKind::Xfs => None,
+    };
+    let written = (|| loop {
         target.prepare(size)?;
         let result = match opts.fs {
-            FsKind::Ext4 => build_ext4(&tools, staging, target.path(), size, &scan, opts, &work),
+            FsKind::Ext4 => build_ext4(
+                &tools,
+                staging,
+                target.path(),
+                size,
+                &scan,
+                opts,
+                &work,
+                swapped.as_ref(),
+            ),
             FsKind::Xfs => build_xfs(&tools, staging, target.path(), size, opts),
         };
         match result {
-            Ok(()) => break,
+            Ok(()) => return Ok(size),
             Err(e) if is_out_of_space(&e) => {
                 if auto && attempt < AUTO_SIZE_ATTEMPTS {
                     let bigger = round_up(size + size / 4, MIB);
@@ -940,12 +966,24 @@ pub fn make_image(
                 return Err(FsImageError::TooSmall {
                     needed: needed.max(round_up(size + size / 4, MIB)),
                     given: size,
-                    given_by,
+                    given_by: given_by.clone(),
                 });
             }
             Err(e) => return Err(e),
         }
-    }
+    })();
+    let restored = match &swapped {
+        Some(_) => ext4bulk::restore(staging),
+        None => Ok(()),
+    };
+    let size = match (written, restored) {
+        (Ok(size), restored) => restored.map(|()| size)?,
+        (Err(e), Ok(())) => return Err(e),
+        (Err(e), Err(r)) => {
+            tracing::error!("putting the staging tree back: {r}");
+            return Err(e);
+        }
+    };
     target.commit()?;
     tracing::info!(
         output = %output.display(),
@@ -1025,6 +1063,7 @@ fn log_step(step: &str, started: Instant) -> Duration {
     elapsed
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_ext4(
     tools: &Tools,
     staging: &Path,
@@ -1033,6 +1072,7 @@ fn build_ext4(
     scan: &Scan,
     opts: &FsOptions,
     work: &WorkDir,
+    swapped: Option<&Swapped>,
 ) -> Result<(), FsImageError> {
     let conf = work.0.join("mke2fs.conf");
     fs::write(&conf, MKE2FS_CONF).map_err(io_err("writing", &conf))?;
@@ -1068,6 +1108,15 @@ fn build_ext4(
         &format!("writing an ext4 filesystem from {}", staging.display()),
     )?;
     log_step("mke2fs", t);
+
+    if let Some(swapped) = swapped.filter(|s| !s.files.is_empty()) {
+        let t = Instant::now();
+        let extents = ext4bulk::allocate(target, swapped)?;
+        log_step("allocate", t);
+        let t = Instant::now();
+        ext4bulk::copy(target, swapped, &extents)?;
+        log_step("copy", t);
+    }
 
     let t = Instant::now();
     let dump = run(
@@ -1222,6 +1271,10 @@ fn write_debugfs_commands(
     epoch: i64,
 ) -> io::Result<()> {
     let mut w = BufWriter::new(File::create(cmds)?);
+    // Marks the superblock dirty, so that debugfs writes it (and its
+    // backups) with E2FSPROGS_FAKE_TIME as the last write time, whatever
+    // wrote it before (libext2fs in `ext4bulk` uses the clock).
+    writeln!(w, "ssv wtime @{epoch}")?;
     let mut values: HashMap<&[u8], Vec<u8>> = HashMap::new();
     for fix in fixes {
         let Some(path) = debugfs_quote(&fix.path) else {

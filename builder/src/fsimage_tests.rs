@@ -449,7 +449,15 @@ fn ext4_images_of_one_tree_staged_twice_are_identical() {
     sleep(Duration::from_millis(1100));
     let tmpfs = Tmpfs::mount();
     let b_disk = tempfile::tempdir().unwrap();
-    let b = tmpfs.as_ref().map(|t| t.0.path()).unwrap_or(b_disk.path());
+    // A directory inside it, as a build's work directory holds its tree:
+    // large files are moved aside beside the root (crate::ext4bulk).
+    let b = tmpfs
+        .as_ref()
+        .map(|t| t.0.path())
+        .unwrap_or(b_disk.path())
+        .join("root");
+    fs::create_dir(&b).unwrap();
+    let b = b.as_path();
     stage(b, true);
 
     let out = tempfile::tempdir().unwrap();
@@ -765,4 +773,116 @@ fn ext4_keeps_nanosecond_mtimes_that_mke2fs_drops() {
         fs::metadata(m.path().join("d/f")).unwrap().mtime(),
         1_700_000_000
     );
+}
+
+/// A tree whose files are large enough for crate::ext4bulk: one with an
+/// owner, setuid and xattrs, a sparse one, a hardlinked pair (left to
+/// mke2fs), and small files beside them.
+fn stage_large(root: &Path) {
+    let sub = root.join("sub");
+    fs::create_dir_all(sub.join("d")).unwrap();
+    let data: Vec<u8> = (0..(3u32 << 19) + 17)
+        .map(|i| (i % 253) as u8 + 1)
+        .collect();
+    let big = sub.join("d/big");
+    fs::write(&big, &data).unwrap();
+    rustix::fs::chown(
+        &big,
+        Some(rustix::fs::Uid::from_raw(1000)),
+        Some(rustix::fs::Gid::from_raw(1001)),
+    )
+    .unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o4755)).unwrap();
+    rustix::fs::setxattr(&big, "user.z", b"last", XattrFlags::empty()).unwrap();
+    rustix::fs::setxattr(&big, "user.a", b"first", XattrFlags::empty()).unwrap();
+    rustix::fs::setxattr(
+        &big,
+        "security.capability",
+        CAP_NET_RAW,
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    let mut sparse = fs::File::create(sub.join("sparse")).unwrap();
+    sparse.set_len(40 << 20).unwrap();
+    sparse.seek(SeekFrom::Start(20 << 20)).unwrap();
+    sparse.write_all(&data[..300_000]).unwrap();
+    drop(sparse);
+    fs::write(sub.join("linked"), &data[..400_000]).unwrap();
+    fs::hard_link(sub.join("linked"), sub.join("d/linked-too")).unwrap();
+    fs::write(sub.join("small"), b"small\n").unwrap();
+    for p in ["d/big", "sparse", "linked", "small", "d", ""] {
+        let ts = Timespec {
+            tv_sec: MTIME,
+            tv_nsec: 250_000_000,
+        };
+        rustix::fs::utimensat(
+            CWD,
+            &sub.join(p),
+            &Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn large_files_set_aside_come_back_exactly_even_after_a_kill() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().join("root");
+    stage_large(&root);
+    let before = coral_seed::tree::tree_digest(&root).unwrap();
+    let bulk = scan_tree(&root).unwrap().bulk;
+    let names: Vec<String> = bulk
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    // The scan's order (a directory's entries by name, then its
+    // subdirectories); the hardlinked pair and the small file stay.
+    assert_eq!(names, ["/sub/sparse", "/sub/d/big"]);
+
+    let swapped = ext4bulk::swap_out(&root, &bulk).unwrap().unwrap();
+    assert_eq!(swapped.files.len(), 2);
+    // The tree holds empty stand-ins with the same metadata ...
+    let stand_in = fs::symlink_metadata(root.join("sub/d/big")).unwrap();
+    assert_eq!(stand_in.len(), (3 << 19) + 17);
+    // No data (at most an xattr block).
+    assert!(stand_in.blocks() <= 8, "{} blocks", stand_in.blocks());
+    assert_eq!(stand_in.mode() & 0o7777, 0o4755);
+    assert_eq!((stand_in.uid(), stand_in.gid()), (1000, 1001));
+    assert_eq!(
+        read_xattrs(&root.join("sub/d/big")).unwrap(),
+        read_xattrs(&parent.path().join(".root.coral-bulk/1")).unwrap()
+    );
+    assert_ne!(coral_seed::tree::tree_digest(&root).unwrap().0, before.0);
+    // ... and a build killed here is undone by the next one's restore.
+    drop(swapped);
+    ext4bulk::restore(&root).unwrap();
+    assert_eq!(coral_seed::tree::tree_digest(&root).unwrap(), before);
+    assert!(!parent.path().join(".root.coral-bulk").exists());
+
+    // Written into an image: the same files, and the tree as it was.
+    let out = tempfile::tempdir().unwrap();
+    let img = out.path().join("large.img");
+    ext4_image(&root, &img);
+    assert_eq!(coral_seed::tree::tree_digest(&root).unwrap(), before);
+    assert!(!parent.path().join(".root.coral-bulk").exists());
+    let m = mount_image_readonly(&img).unwrap();
+    assert_eq!(
+        coral_seed::tree::tree_digest(&m.path().join("sub")).unwrap(),
+        coral_seed::tree::tree_digest(&root.join("sub")).unwrap()
+    );
+    let sparse = fs::metadata(m.path().join("sub/sparse")).unwrap();
+    assert!(
+        sparse.blocks() * 512 < 1 << 20,
+        "the sparse file stays sparse: {} blocks",
+        sparse.blocks()
+    );
+    drop(m);
+    // The data went around mke2fs, and the image is still reproducible.
+    let img2 = out.path().join("large2.img");
+    ext4_image(&root, &img2);
+    assert_eq!(sha256_file(&img), sha256_file(&img2));
 }

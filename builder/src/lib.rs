@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod base;
 pub mod build;
+pub mod ext4bulk;
 pub mod fsimage;
 #[doc(hidden)]
 pub mod fuzzing;

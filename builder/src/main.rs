@@ -434,6 +434,9 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(layout.dir())
         .with_context(|| format!("creating the work directory {}", work_dir.display()))?;
     let _lock = WorkLock::acquire(&work_dir)?;
+    // Large files an earlier run (killed while writing the image) moved
+    // aside go back before the tree is trusted.
+    coral_builder::ext4bulk::restore(layout.root())?;
     let opts = StageOptions {
         images,
         platforms,

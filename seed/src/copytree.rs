@@ -306,8 +306,10 @@ fn finish(from: &Path, to: &Path, m: &Metadata, symlink: bool) -> io::Result<()>
     Ok(())
 }
 
-/// The same for a regular file, through its open descriptor.
-fn finish_fd(from: &Path, to: &Path, m: &Metadata, file: &File) -> io::Result<()> {
+/// The same for a regular file, through its open descriptor: `file` (open
+/// for writing, at `to`) gets the owner, mode, xattrs and times `m` and
+/// `from` have. Also used to make an empty stand-in of a file.
+pub fn finish_fd(from: &Path, to: &Path, m: &Metadata, file: &File) -> io::Result<()> {
     let fd = file.as_fd();
     rustix::fs::fchown(
         fd,
