@@ -19,14 +19,16 @@ fn main() {
         "/usr/lib",
         "/lib",
     ];
-    if !dirs
+    match dirs
         .iter()
-        .any(|d| std::path::Path::new(d).join(file).exists())
+        .find(|d| std::path::Path::new(d).join(file).exists())
     {
-        println!(
+        // rustc looks for static libraries itself: tell it where.
+        Some(dir) => println!("cargo:rustc-link-search=native={dir}"),
+        None => println!(
             "cargo:warning=coral-builder links libext2fs and {file} was not found: install \
              Debian's libext2fs-dev (scripts/setup does)"
-        );
+        ),
     }
     println!("cargo:rustc-link-lib={kind}=ext2fs");
     println!("cargo:rustc-link-lib={kind}=com_err");
