@@ -181,7 +181,11 @@ pub fn remove_tree(p: &Path) -> Result<()> {
     let trash = p.with_file_name(format!(".{name}.coral-trash-{}", std::process::id()));
     std::fs::rename(p, &trash)
         .with_context(|| format!("moving {} aside to remove it", p.display()))?;
-    std::fs::remove_dir_all(&trash).with_context(|| format!("removing {}", trash.display()))
+    match std::fs::remove_dir_all(&trash) {
+        // Another build's `remove_trash` got there first.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| format!("removing {}", trash.display())),
+    }
 }
 
 /// Removes what removals cut short by a kill left in `dir` (see [`remove_tree`]).

@@ -87,6 +87,8 @@ pub struct Counters {
     pub stalls: AtomicU64,
     pub truncations: AtomicU64,
     pub bytes_forwarded: AtomicU64,
+    /// Requests that carried an `Authorization` header.
+    pub authorized: AtomicU64,
 }
 
 impl Counters {
@@ -305,6 +307,12 @@ async fn handle(
 ) -> Result<()> {
     let (head, early_body) = read_head(&mut client).await?;
     c.requests.fetch_add(1, Ordering::Relaxed);
+    if String::from_utf8_lossy(&head)
+        .split("\r\n")
+        .any(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+    {
+        c.authorized.fetch_add(1, Ordering::Relaxed);
+    }
     let request_line = String::from_utf8_lossy(&head)
         .lines()
         .next()

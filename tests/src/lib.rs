@@ -24,6 +24,7 @@ pub mod moto;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod scale;
 pub mod seed;
 pub mod treecmp;
 
@@ -32,6 +33,7 @@ use std::path::PathBuf;
 /// A binary of this workspace, freshly built: `cargo build --bin NAME` runs
 /// first (a no-op when it is up to date), since `cargo test`/`nextest` do not
 /// rebuild other packages' binaries and a stale one would test old code.
+/// `CORAL_BIN_DIR` names a directory of binaries built by the caller.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     use anyhow::Context;
     let exe = std::env::current_exe()?;
@@ -46,6 +48,12 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
         })
         .ok_or_else(|| anyhow::anyhow!("no directory around {}", exe.display()))?
         .to_path_buf();
+    // scripts/scale measures release binaries it built itself.
+    if let Some(d) = std::env::var_os("CORAL_BIN_DIR") {
+        let bin = PathBuf::from(d).join(name);
+        anyhow::ensure!(bin.exists(), "CORAL_BIN_DIR has no {}", bin.display());
+        return Ok(bin);
+    }
     let bin = dir.join(name);
     // scripts/test builds every binary before the tests run, and says so:
     // no cargo call (and no wait on cargo's lock) from inside a test then.

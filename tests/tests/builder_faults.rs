@@ -392,3 +392,159 @@ async fn an_endless_blob_body_is_cut_at_its_declared_size() -> Result<()> {
     );
     Ok(())
 }
+
+/// Credentials are for the registry that asked for them: when it sends a
+/// blob to another origin (a CDN), the builder follows without its
+/// `Authorization` header, and the bytes are verified as ever.
+#[tokio::test]
+async fn credentials_are_not_sent_to_the_origin_a_blob_is_redirected_to() -> Result<()> {
+    use base64::Engine as _;
+    let corpus = Corpus::get()?;
+    // The registry wants basic auth; the "CDN" serves the same storage
+    // without any.
+    let authed = corpus.registry(coral_tests::registry::RegistryOptions {
+        auth: Some(("coral".into(), "redirect-s3cret".into())),
+        ..Default::default()
+    })?;
+    let open = corpus.plain_registry()?;
+    let cdn = FaultProxy::start(&open.host(), FaultPlan::none())?;
+    let front = FaultProxy::start(
+        &authed.host(),
+        FaultPlan::none().with(
+            Some("/blobs/"),
+            Fault::Redirect(format!("http://{}", cdn.host())),
+            When::Always,
+        ),
+    )?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-redirect-auth-")
+        .tempdir()?;
+    let config = work.path().join("config.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("coral:redirect-s3cret");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({"auths": {front.host(): {"auth": auth}}}))?,
+    )?;
+    let out = work.path().join("seed.img");
+    let o = Command::new(workspace_bin("coral-builder")?)
+        .args(["build", "--progress", "none", "--platform", "linux/amd64"])
+        .args(["--deadline", "60s", "--snapshot", "none"])
+        .args(["--insecure-registry", &front.host()])
+        .arg("--registry-config")
+        .arg(&config)
+        .args(["--image", &format!("{}/coral/tiny:latest", front.host())])
+        .arg("--output")
+        .arg(&out)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.success() && out.exists(), "the build failed: {stderr}");
+    ensure!(
+        front.counters.authorized.load(Ordering::Relaxed) > 0,
+        "the registry never saw the credentials: the test proves nothing"
+    );
+    ensure!(
+        cdn.counters.bytes_forwarded.load(Ordering::Relaxed) > 0,
+        "no blob came from the other origin"
+    );
+    let leaked = cdn.counters.authorized.load(Ordering::Relaxed);
+    ensure!(
+        leaked == 0,
+        "{leaked} requests to the other origin carried the registry's Authorization header"
+    );
+    ensure!(!stderr.contains("redirect-s3cret"), "the password was logged: {stderr}");
+    Ok(())
+}
+
+/// Two builds started at once on one work directory: the second stops at
+/// once with a clear message and writes nothing; the first, which holds the
+/// directory, finishes intact; a build after it uses the same directory
+/// and gives the same bytes.
+#[tokio::test]
+async fn a_second_build_on_a_busy_work_dir_stops_clearly_and_the_first_finishes() -> Result<()> {
+    let corpus = Corpus::get()?;
+    let reg = corpus.plain_registry()?;
+    // The first blob request stalls, so the first build is still running
+    // when the second starts.
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        FaultPlan::none().with(
+            Some("/blobs/"),
+            Fault::Stall(Duration::from_secs(8)),
+            When::FirstN(1),
+        ),
+    )?;
+    let work = tempfile::Builder::new()
+        .prefix("coral-two-builds-")
+        .tempdir()?;
+    let work_dir = work.path().join("shared-work");
+    let build = |out: &std::path::Path| -> Result<Command> {
+        let mut cmd = Command::new(workspace_bin("coral-builder")?);
+        cmd.args(["build", "--progress", "none", "--platform", "linux/amd64"])
+            .args(["--deadline", "60s", "--snapshot", "none"])
+            .args(["--insecure-registry", &proxy.host()])
+            .args(["--image", &format!("{}/coral/tiny:latest", proxy.host())])
+            .arg("--work-dir")
+            .arg(&work_dir)
+            .arg("--output")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        Ok(cmd)
+    };
+    let (first_out, second_out, third_out) = (
+        work.path().join("first.img"),
+        work.path().join("second.img"),
+        work.path().join("third.img"),
+    );
+    let mut first = build(&first_out)?.spawn()?;
+    // The first holds the directory's lock once it has made it.
+    let t = std::time::Instant::now();
+    while !work_dir.join(".lock").exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let second = build(&second_out)?.output()?;
+    // It did not wait for the lock: the first is still in its stall.
+    let first_still_running = first.try_wait()?.is_none();
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    let first = first.wait_with_output()?;
+    ensure!(
+        first.status.success(),
+        "the first build failed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    ensure!(
+        proxy.counters.stalls.load(Ordering::Relaxed) == 1,
+        "the stall never happened: the builds may not have overlapped"
+    );
+    ensure!(!second.status.success(), "the second build succeeded too");
+    ensure!(
+        second_err.contains("another coral-builder is using the work directory"),
+        "{second_err}"
+    );
+    ensure!(
+        first_still_running,
+        "the second build returned only after the first had finished"
+    );
+    ensure!(!second_out.exists(), "the second build left an output");
+    let verify = Command::new(workspace_bin("coral-builder")?)
+        .arg("verify")
+        .arg(&first_out)
+        .output()?;
+    ensure!(
+        verify.status.success(),
+        "the first build's volume does not verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let third = build(&third_out)?.output()?;
+    ensure!(
+        third.status.success(),
+        "a build after the first failed: {}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    ensure!(
+        coral_tests::seed::sha256_file(&first_out)? == coral_tests::seed::sha256_file(&third_out)?,
+        "the build after the first gave other bytes"
+    );
+    Ok(())
+}
