@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::feed::{BlobFeed, FeedGuard};
 use crate::progress::Progress;
 use crate::registry::RegistryClient;
 use crate::resolve::{PlannedLayer, ResolvedImage, resolve};
@@ -322,6 +323,8 @@ pub async fn stage(
     // Where each layer blob is read from to extract it: the work directory,
     // or the volume built on.
     let mut blob_path: HashMap<Digest, PathBuf> = HashMap::new();
+    // Blobs being pulled: their layers are extracted as the bytes arrive.
+    let mut feeds: HashMap<Digest, Arc<BlobFeed>> = HashMap::new();
     for (digest, (layer, from, users)) in &layer_blobs {
         let dest = layout.blob(digest);
         let in_base = opts.reuse.as_ref().and_then(|r| r.blob(digest, layer.size));
@@ -347,14 +350,28 @@ pub async fn stage(
                 let size = layer.size;
                 let partial = layout.tmp_dir().join("blobs").join(digest.hex());
                 let pulled = bytes_pulled.clone();
+                let feed = BlobFeed::new();
+                feeds.insert(digest.clone(), feed.clone());
                 async move {
+                    let guard = FeedGuard(feed);
                     let progress2 = progress.clone();
                     let users2 = users.clone();
                     let cb = move |delta: i64| progress2.bytes(&users2, delta);
-                    client
-                        .fetch_blob_to_file(&from, &digest, size, &partial, &dest, &cb)
-                        .await
-                        .map_err(|e| Arc::new(anyhow::Error::new(e)))?;
+                    let fetched = client
+                        .fetch_blob_to_file(
+                            &from,
+                            &digest,
+                            size,
+                            &partial,
+                            &dest,
+                            &cb,
+                            Some(&guard.0),
+                        )
+                        .await;
+                    guard
+                        .0
+                        .finish(fetched.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    fetched.map_err(|e| Arc::new(anyhow::Error::new(e)))?;
                     pulled.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                     progress.event(
                         json!({"event": "blob", "digest": digest.to_string(), "bytes": size}),
@@ -457,13 +474,21 @@ pub async fn stage(
                 .cloned()
                 .unwrap_or_else(|| layout.blob(&layer.digest));
             let blob_ready = blob_ready[&layer.digest].clone();
+            let feed = feeds.get(&layer.digest).cloned();
+            let partial = layout.tmp_dir().join("blobs").join(layer.digest.hex());
             let work = layout.tmp_dir().join("layers").join(chain.hex());
             let slots = extract_slots.clone();
             let stream_total = unpacked_total.clone();
             let progress = progress.clone();
             let chain = chain.clone();
             async move {
-                blob_ready.await?;
+                // A blob being pulled is extracted as it arrives (once its
+                // download has a connection and a file); another once it
+                // is there.
+                match &feed {
+                    Some(f) => f.started().await,
+                    None => blob_ready.clone().await?,
+                }
                 let unpacked = {
                     let _slot = slots.acquire_owned().await.expect("never closed");
                     let (work, label, layer, has_parent) =
@@ -472,10 +497,18 @@ pub async fn stage(
                         if work.exists() {
                             remove_tree(&work)?;
                         }
-                        let file = std::fs::File::open(&blob)
-                            .with_context(|| format!("opening {}", blob.display()))?;
+                        let reader: Box<dyn std::io::Read + Send> = match &feed {
+                            Some(f) => Box::new(
+                                f.reader(&partial, &blob)
+                                    .with_context(|| format!("opening {}", blob.display()))?,
+                            ),
+                            None => Box::new(
+                                std::fs::File::open(&blob)
+                                    .with_context(|| format!("opening {}", blob.display()))?,
+                            ),
+                        };
                         let out = unpack::unpack_layer(
-                            std::io::BufReader::with_capacity(1 << 20, file),
+                            std::io::BufReader::with_capacity(1 << 20, reader),
                             &UnpackOptions {
                                 layer: &label,
                                 compression: layer.compression,
@@ -496,8 +529,12 @@ pub async fn stage(
                     })
                     .await
                     .map_err(|e| Arc::new(anyhow!(e)))?
-                    .map_err(Arc::new)?
                 };
+                // The blob's verdict first: a blob that failed (wrong
+                // digest, cut short) is the cause of whatever its
+                // extraction said.
+                blob_ready.await?;
+                let unpacked = unpacked.map_err(Arc::new)?;
                 if let Some(p) = parent_ready {
                     p.await?;
                 }

@@ -817,7 +817,7 @@ fn stage_large(root: &Path) {
         };
         rustix::fs::utimensat(
             CWD,
-            &sub.join(p),
+            sub.join(p),
             &Timestamps {
                 last_access: ts,
                 last_modification: ts,

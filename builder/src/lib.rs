@@ -8,6 +8,7 @@ pub mod auth;
 pub mod base;
 pub mod build;
 pub mod ext4bulk;
+pub mod feed;
 pub mod fsimage;
 #[doc(hidden)]
 pub mod fuzzing;

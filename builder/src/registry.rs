@@ -488,7 +488,10 @@ impl RegistryClient {
     /// hashed as it arrives, resumed with a range request after a transient
     /// failure, and renamed to `dest` only once size and digest match.
     /// `progress` gets the number of new bytes as they arrive (and a negative
-    /// correction when a transfer restarts from zero).
+    /// correction when a transfer restarts from zero). `feed` hears when the
+    /// partial file exists and, every [`FEED_STEP`] bytes, how much of it is
+    /// written, so an extraction can read it as it arrives.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch_blob_to_file(
         &self,
         r: &Reference,
@@ -497,6 +500,7 @@ impl RegistryClient {
         partial: &Path,
         dest: &Path,
         progress: &(dyn Fn(i64) + Send + Sync),
+        feed: Option<&crate::feed::BlobFeed>,
     ) -> Result<u64, RegistryError> {
         let what = format!("{} blob {digest}", r.name());
         let io_err = |source: std::io::Error| RegistryError::Io {
@@ -516,13 +520,19 @@ impl RegistryClient {
             .open(partial)
             .await
             .map_err(io_err)?;
+        if let Some(f) = feed {
+            f.start();
+        }
         struct State {
             hasher: Sha256,
             written: u64,
+            /// Written since the feed last heard.
+            unpublished: u64,
         }
         let mut state = State {
             hasher: Sha256::new(),
             written: 0,
+            unpublished: 0,
         };
         let state_ref = &mut state;
         let file_ref = &mut file;
@@ -549,8 +559,12 @@ impl RegistryClient {
                         BlobResponse::Full(s) => {
                             // The registry ignored the range: start over.
                             progress(-(state.written as i64));
+                            if let Some(f) = feed {
+                                f.advance(0);
+                            }
                             state.hasher = Sha256::new();
                             state.written = 0;
+                            state.unpublished = 0;
                             file.set_len(0)
                                 .await
                                 .map_err(|e| Failure::Fatal(io_fatal(what_ref, e)))?;
@@ -591,6 +605,18 @@ impl RegistryClient {
                     state.hasher.update(&chunk);
                     state.written += chunk.len() as u64;
                     progress(chunk.len() as i64);
+                    state.unpublished += chunk.len() as u64;
+                    if let Some(f) = feed
+                        && state.unpublished >= FEED_STEP
+                    {
+                        // tokio's File writes in the background: flushed,
+                        // the bytes are in the file for a reader.
+                        file.flush()
+                            .await
+                            .map_err(|e| Failure::Fatal(io_fatal(what_ref, e)))?;
+                        f.advance(state.written);
+                        state.unpublished = 0;
+                    }
                 }
                 if state.written < size {
                     return Err(Failure::Transient(format!(
@@ -642,6 +668,9 @@ impl RegistryClient {
         Ok(size)
     }
 }
+
+/// How often a blob's download tells its feed how far it is.
+pub const FEED_STEP: u64 = 4 << 20;
 
 fn io_fatal(what: &str, source: std::io::Error) -> RegistryError {
     RegistryError::Io {

@@ -63,6 +63,7 @@ const PAX_XATTR: &str = "SCHILY.xattr.";
 /// Zero runs of at least this many bytes (aligned) become holes, as the
 /// filesystem would store them anyway; reading gives the same zeros.
 const HOLE_BLOCK: usize = 4096;
+static ZERO_BLOCK: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
 /// Tar's block size: a PAX 1.0 sparse map is padded to a multiple of it.
 const TAR_BLOCK: u64 = 512;
 /// Longest sparse map accepted, as text (the PAX 1.0 map with its padding,
@@ -1272,7 +1273,11 @@ fn set_times(path: &Path, times: Times) -> io::Result<()> {
 
 /// Copies `src` to `dst`, leaving aligned all-zero blocks as holes.
 fn copy_sparse(src: &mut impl Read, dst: &mut File) -> io::Result<u64> {
-    copy_with_holes(src, dst, &mut vec![0u8; 1 << 16])
+    thread_local! {
+        // One buffer per extraction thread, not one per file.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
+    }
+    BUF.with_borrow_mut(|buf| copy_with_holes(src, dst, buf))
 }
 
 /// [`copy_sparse`] from `dst`'s current position (which must be its end, or
@@ -1285,14 +1290,30 @@ fn copy_with_holes(src: &mut impl Read, dst: &mut File, buf: &mut [u8]) -> io::R
         if n == 0 {
             break;
         }
-        for chunk in buf[..n].chunks(HOLE_BLOCK) {
-            if chunk.len() == HOLE_BLOCK && chunk.iter().all(|b| *b == 0) {
+        // Runs of data blocks go out in one write each; zero blocks are
+        // skipped over.
+        let data = &buf[..n];
+        let mut run_start = 0;
+        let mut at = 0;
+        while at < n {
+            let end = (at + HOLE_BLOCK).min(n);
+            let chunk = &data[at..end];
+            // Slice equality is a memcmp: data differs at once, zeros are
+            // compared many bytes at a time.
+            if chunk == ZERO_BLOCK.as_slice() {
+                if run_start < at {
+                    dst.write_all(&data[run_start..at])?;
+                }
                 dst.seek(SeekFrom::Current(HOLE_BLOCK as i64))?;
                 pending_hole = true;
+                run_start = end;
             } else {
-                dst.write_all(chunk)?;
                 pending_hole = false;
             }
+            at = end;
+        }
+        if run_start < n {
+            dst.write_all(&data[run_start..n])?;
         }
         total += n as u64;
     }

@@ -128,7 +128,9 @@ async fn push_image(reg: &Registry, shape: Shape, i: u32) -> Result<()> {
         let layer =
             tokio::task::spawn_blocking(move || Layer::gzip(&layer_tar(&shape, i, l))).await?;
         let digest = push_blob(reg, &repo, &layer.blob).await?;
-        descs.push(json!({"mediaType": layer.media_type, "digest": digest, "size": layer.blob.len()}));
+        descs.push(
+            json!({"mediaType": layer.media_type, "digest": digest, "size": layer.blob.len()}),
+        );
         diff_ids.push(layer.diff_id);
     }
     let config = serde_json::to_vec(&json!({
@@ -267,8 +269,8 @@ pub async fn build_and_import(reg: &Registry, shape: &Shape, dir: &Path) -> Resu
     let vol = Mounted::read_write(&volume)?;
     let files_on_volume = count_files(&vol.0.join(".coral/layers"))?;
     let state = tempfile::Builder::new().prefix("coral-ctrd-").tempdir()?;
-    let c = Containerd::start_with_root(&containerd::first()?, &[reg], state, vol.0.clone())
-        .await?;
+    let c =
+        Containerd::start_with_root(&containerd::first()?, &[reg], state, vol.0.clone()).await?;
     let mut import = Command::new(workspace_bin("coral-node-mounter")?);
     import
         .args(["import", "--deadline", "30m", "--address"])

@@ -437,7 +437,10 @@ async fn credentials_are_not_sent_to_the_origin_a_blob_is_redirected_to() -> Res
         .arg(&out)
         .output()?;
     let stderr = String::from_utf8_lossy(&o.stderr);
-    ensure!(o.status.success() && out.exists(), "the build failed: {stderr}");
+    ensure!(
+        o.status.success() && out.exists(),
+        "the build failed: {stderr}"
+    );
     ensure!(
         front.counters.authorized.load(Ordering::Relaxed) > 0,
         "the registry never saw the credentials: the test proves nothing"
@@ -451,7 +454,10 @@ async fn credentials_are_not_sent_to_the_origin_a_blob_is_redirected_to() -> Res
         leaked == 0,
         "{leaked} requests to the other origin carried the registry's Authorization header"
     );
-    ensure!(!stderr.contains("redirect-s3cret"), "the password was logged: {stderr}");
+    ensure!(
+        !stderr.contains("redirect-s3cret"),
+        "the password was logged: {stderr}"
+    );
     Ok(())
 }
 

@@ -47,7 +47,10 @@ async fn a_generated_seed_set_builds_and_imports_whole() -> Result<()> {
     ensure!(o.images_in_containerd == 6, "{o:?}");
     ensure!(o.layers == 24 && o.files == 1440, "{o:?}");
     ensure!(o.files_on_volume == 1440, "{o:?}");
-    ensure!(o.build.peak_rss_mib > 0.0 && o.import.peak_rss_mib > 0.0, "{o:?}");
+    ensure!(
+        o.build.peak_rss_mib > 0.0 && o.import.peak_rss_mib > 0.0,
+        "{o:?}"
+    );
     println!("{}", serde_json::to_string(&o)?);
     Ok(())
 }

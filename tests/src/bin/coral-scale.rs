@@ -119,6 +119,9 @@ fn row(o: &Outcome) -> String {
 
 const HEADER: &str = "| images | layers | files | build s | build s per 1,000 files | build peak RSS MiB | import s | import s per 1,000 files | import peak RSS MiB | volume GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
+/// What a panel plots of an outcome: (build, import).
+type Pick = fn(&Outcome) -> (f64, f64);
+
 /// A plot of seconds and peak RSS against files, build and import.
 fn svg(outcomes: &[Outcome]) -> String {
     let (w, h, pad) = (360.0, 240.0, 48.0);
@@ -130,7 +133,7 @@ fn svg(outcomes: &[Outcome]) -> String {
         2.0 * w + 20.0,
         h + 30.0
     );
-    let panels: [(&str, fn(&Outcome) -> (f64, f64)); 2] = [
+    let panels: [(&str, Pick); 2] = [
         ("seconds", |o| (o.build.seconds, o.import.seconds)),
         ("peak RSS, MiB", |o| {
             (o.build.peak_rss_mib, o.import.peak_rss_mib)
@@ -172,10 +175,8 @@ fn svg(outcomes: &[Outcome]) -> String {
             py(max_y / 2.0) + 4.0,
             max_y / 2.0,
         );
-        for (series, colour, pick) in [
-            ("build", "#1f77b4", 0usize),
-            ("import", "#d62728", 1usize),
-        ] {
+        for (series, colour, pick) in [("build", "#1f77b4", 0usize), ("import", "#d62728", 1usize)]
+        {
             let points: Vec<String> = outcomes
                 .iter()
                 .map(|o| {
@@ -191,10 +192,7 @@ fn svg(outcomes: &[Outcome]) -> String {
             );
             for pt in &points {
                 let (x, y) = pt.split_once(',').expect("x,y");
-                let _ = write!(
-                    out,
-                    r#"<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>"#
-                );
+                let _ = write!(out, r#"<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>"#);
             }
             let _ = write!(
                 out,
@@ -285,9 +283,7 @@ async fn main() -> Result<()> {
             files: a.files,
         };
         let reg = registry_for(&shape).await?;
-        let dir = tempfile::Builder::new()
-            .prefix("size-")
-            .tempdir_in(&work)?;
+        let dir = tempfile::Builder::new().prefix("size-").tempdir_in(&work)?;
         let o = build_and_import(&reg, &shape, dir.path())
             .await
             .with_context(|| format!("{images} images"))?;
