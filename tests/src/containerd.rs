@@ -434,3 +434,29 @@ impl Containerd {
         Ok(view)
     }
 }
+
+/// Whether a line of `ctr images check` says the image is complete. Its
+/// status column reads `complete (n/n)`, `incomplete (k/n)` or
+/// `unavailable`: the word must be exactly `complete` (`incomplete`
+/// contains it).
+pub fn check_line_complete(line: &str) -> bool {
+    line.split_whitespace().any(|w| w == "complete")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_complete_is_complete() {
+        let head =
+            "docker.io/coral/minbase:latest application/vnd.oci.image.manifest.v1+json sha256:ab";
+        assert!(super::check_line_complete(&format!(
+            "{head} complete (2/2) 28.1 MiB/28.1 MiB true"
+        )));
+        assert!(!super::check_line_complete(&format!(
+            "{head} incomplete (1/2) 8.1 MiB/28.1 MiB false"
+        )));
+        assert!(!super::check_line_complete(&format!(
+            "{head} unavailable 0.0 B/? false"
+        )));
+    }
+}

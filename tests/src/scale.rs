@@ -239,7 +239,8 @@ pub struct Outcome {
     pub build_phases: serde_json::Value,
     pub volume_bytes: u64,
     pub import: Measured,
-    /// Images containerd lists after the import, every one complete.
+    /// Tagged images containerd lists complete after the import (nothing
+    /// it lists may be incomplete).
     pub images_in_containerd: u64,
     /// Regular files below the volume's layer trees.
     pub files_on_volume: u64,
@@ -279,14 +280,25 @@ pub async fn build_and_import(reg: &Registry, shape: &Shape, dir: &Path) -> Resu
         .arg(&vol.0);
     let (imported, _) = measure(&mut import)?;
     let out = crate::process::run(c.ctr().args(["--namespace", "k8s.io", "images", "check"]))?;
+    // containerd lists each image under its tag, its digest reference and
+    // its ID, as a pull leaves it: count the tagged ones.
     let complete = out
         .lines()
         .skip(1)
-        .filter(|l| l.contains("complete"))
+        .filter(|l| {
+            containerd::check_line_complete(l)
+                && l.split_whitespace()
+                    .next()
+                    .is_some_and(|r| r.ends_with(":latest"))
+        })
         .count() as u64;
-    let listed = out.lines().skip(1).count() as u64;
+    let incomplete = out
+        .lines()
+        .skip(1)
+        .filter(|l| !containerd::check_line_complete(l))
+        .count();
     ensure!(
-        listed == complete,
+        incomplete == 0,
         "ctr images check lists incomplete images:\n{}",
         tail(&out)
     );

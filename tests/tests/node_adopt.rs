@@ -150,7 +150,7 @@ fn images_check(c: &Containerd) -> Result<()> {
     let out = run(c.ctr().args(["--namespace", "k8s.io", "images", "check"]))?;
     for line in out.lines().skip(1) {
         ensure!(
-            line.contains("complete"),
+            coral_tests::containerd::check_line_complete(line),
             "ctr images check on containerd {}: {line}",
             c.build.version
         );

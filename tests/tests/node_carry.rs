@@ -125,7 +125,9 @@ async fn images_the_machine_image_cached_survive_mounting_the_volume_over_the_ro
         );
         let out = run(c.ctr().args(["-n", "k8s.io", "images", "check"]))?;
         ensure!(
-            out.lines().skip(1).all(|l| l.contains("complete")),
+            out.lines()
+                .skip(1)
+                .all(coral_tests::containerd::check_line_complete),
             "containerd {}: {out}",
             b.version
         );

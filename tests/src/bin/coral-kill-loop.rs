@@ -227,7 +227,7 @@ async fn import_loop(
         let out = run(c.ctr().args(["--namespace", "k8s.io", "images", "check"]))?;
         let listed = out.lines().skip(1).count();
         ensure!(
-            listed >= IMAGES.len() && out.lines().skip(1).all(|l| l.contains("complete")),
+            listed >= IMAGES.len() && out.lines().skip(1).all(containerd::check_line_complete),
             "round {i}: ctr images check:\n{out}"
         );
         let printed = run(c
