@@ -325,6 +325,11 @@ pub async fn stage(
     let mut blob_path: HashMap<Digest, PathBuf> = HashMap::new();
     // Blobs being pulled: their layers are extracted as the bytes arrive.
     let mut feeds: HashMap<Digest, Arc<BlobFeed>> = HashMap::new();
+    // As many downloads under way as connections: a download holds its
+    // partial file (and its feed says "started") only while it is pulled,
+    // so extraction slots go to layers whose bytes are arriving, and a
+    // seed set of thousands of layers does not open thousands of files.
+    let downloads = Arc::new(Semaphore::new(client.connections()));
     for (digest, (layer, from, users)) in &layer_blobs {
         let dest = layout.blob(digest);
         let in_base = opts.reuse.as_ref().and_then(|r| r.blob(digest, layer.size));
@@ -352,8 +357,10 @@ pub async fn stage(
                 let pulled = bytes_pulled.clone();
                 let feed = BlobFeed::new();
                 feeds.insert(digest.clone(), feed.clone());
+                let downloads = downloads.clone();
                 async move {
                     let guard = FeedGuard(feed);
+                    let _download = downloads.acquire_owned().await.expect("never closed");
                     let progress2 = progress.clone();
                     let users2 = users.clone();
                     let cb = move |delta: i64| progress2.bytes(&users2, delta);

@@ -246,8 +246,17 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Blocking work is file I/O and extraction, a few at a time; tokio's
+    // default (512 threads) only adds stacks and malloc arenas. Room for
+    // every extraction (each may wait on a download's file writes, which
+    // need threads of their own) plus the rest.
+    let extract_jobs = match &cli.command {
+        Command::Build(args) => args.extract_jobs.unwrap_or(0),
+        _ => 0,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(64.max(extract_jobs + 32))
         .build()
         .expect("a tokio runtime");
     let result = match cli.command {

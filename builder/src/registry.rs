@@ -254,6 +254,13 @@ pub struct RegistryClient {
     connections: Arc<Semaphore>,
 }
 
+impl RegistryClient {
+    /// How many registry connections are open at once at most.
+    pub fn connections(&self) -> usize {
+        self.options.connections.max(1)
+    }
+}
+
 /// A fetched manifest (or index) and what it is.
 pub struct FetchedManifest {
     pub bytes: Bytes,

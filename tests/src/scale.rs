@@ -1,6 +1,6 @@
 //! Seed sets of any size, generated from a seed: `images` images of
 //! `layers` distinct gzip layers each, every layer `files` small files
-//! (0 to 512 bytes, in 10 directories). Pushed to a test registry, built
+//! (0 to 512 random bytes, in 10 directories). Pushed to a test registry, built
 //! with coral-builder, imported into a fresh containerd with
 //! coral-node-mounter (adopt), each step timed with its peak RSS.
 //! `scripts/scale` runs it at several sizes; `tests/tests/scale.rs` at a
@@ -100,8 +100,13 @@ pub fn layer_tar(shape: &Shape, image: u32, layer: u32) -> Vec<u8> {
     }
     for f in 0..shape.files {
         let len = (rng.next() % 513) as usize;
-        let word = format!("{:016x} ", rng.next());
-        let data: Vec<u8> = word.bytes().cycle().take(len).collect();
+        // Random bytes: real files do not compress 20 times over (which
+        // the builder's bomb limit, 20x the compressed size, would stop).
+        let mut data = Vec::with_capacity(len + 8);
+        while data.len() < len {
+            data.extend_from_slice(&rng.next().to_le_bytes());
+        }
+        data.truncate(len);
         let mut h = header(tar::EntryType::Regular, 0o644, len as u64);
         b.append_data(&mut h, format!("{top}/d{}/f{f:05}", f % 10), &data[..])
             .expect("in memory");

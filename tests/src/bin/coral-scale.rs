@@ -213,7 +213,7 @@ fn write_docs(root: &Path, a: &Args, outcomes: &[Outcome], machine: &str) -> Res
         "# Scale: build and import against the size of the seed set\n\n\
          Made by `scripts/scale --seed {} --images {} --layers {} --files {} --write-docs` \
          (`scripts/scale --help`). Each size is a seed set generated from the seed: that many \
-         images, each of {} distinct gzip layers of {} small files (0 to 512 bytes, in 10 \
+         images, each of {} distinct gzip layers of {} small files (0 to 512 random bytes, in 10 \
          directories). It is pushed once to a docker-registry on 127.0.0.1 (not timed), built \
          by `coral-builder build` (all images in one build, ext4 image file, no snapshot), \
          then imported by `coral-node-mounter import` (adopt) into a fresh containerd whose \
