@@ -117,6 +117,18 @@ fn row(o: &Outcome) -> String {
     )
 }
 
+const READING: &str = "Reading the numbers:\n\n\
+- A build's wall time covers the whole command: pulling and extracting (phase \
+`pullAndExtract`), writing the ext4 image (`filesystem`), and removing the work directory \
+(the rest), which for a million small files takes a while on a disk mounted with `discard`, \
+as this one is.\n\
+- Sizes run smallest first, each right after the previous one, with nothing dropped from the \
+page cache: a size whose registry storage was pushed in an earlier run is read from disk cold, \
+which shows in its `pullAndExtract` (so a first size can take longer per file than the next).\n\
+- Peak RSS is `ru_maxrss` of the builder or the node mounter, or of the largest child it \
+waited for (mke2fs, debugfs, e2fsck); containerd's own memory is not in the table.\n\
+- Linear growth shows as a flat \"per 1,000 files\" column.";
+
 const HEADER: &str = "| images | layers | files | build s | build s per 1,000 files | build peak RSS MiB | import s | import s per 1,000 files | import peak RSS MiB | volume GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// What a panel plots of an outcome: (build, import).
@@ -235,6 +247,7 @@ fn write_docs(root: &Path, a: &Args, outcomes: &[Outcome], machine: &str) -> Res
     for o in outcomes {
         let _ = writeln!(md, "{}", row(o));
     }
+    let _ = writeln!(md, "\n{READING}");
     let _ = writeln!(md, "\nBuild phases (seconds) per size:\n");
     for o in outcomes {
         let _ = writeln!(md, "- {} images: `{}`", o.shape.images, o.build_phases);
