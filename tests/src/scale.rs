@@ -13,10 +13,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
-use serde_json::json;
 
 use crate::containerd::{self, Containerd};
-use crate::push::{Layer, push_blob};
+use crate::push::Layer;
 use crate::registry::Registry;
 use crate::seed::Mounted;
 use crate::workspace_bin;
@@ -126,43 +125,13 @@ pub async fn push(reg: &Registry, shape: &Shape) -> Result<()> {
 }
 
 async fn push_image(reg: &Registry, shape: Shape, i: u32) -> Result<()> {
-    let repo = shape.repository(i);
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in 0..shape.layers {
-        let layer =
-            tokio::task::spawn_blocking(move || Layer::gzip(&layer_tar(&shape, i, l))).await?;
-        let digest = push_blob(reg, &repo, &layer.blob).await?;
-        descs.push(
-            json!({"mediaType": layer.media_type, "digest": digest, "size": layer.blob.len()}),
-        );
-        diff_ids.push(layer.diff_id);
-    }
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "created": "2023-11-14T22:13:20Z",
-        "config": {"Cmd": ["/bin/true"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))?;
-    let config_digest = push_blob(reg, &repo, &config).await?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": descs,
-    }))?;
-    let resp = reg
-        .http_client()?
-        .put(format!("{}/v2/{repo}/manifests/latest", reg.url()))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(manifest)
-        .send()
-        .await?;
-    ensure!(
-        resp.status().as_u16() == 201,
-        "pushing {repo}: {}",
-        resp.status()
-    );
+    let layers = tokio::task::spawn_blocking(move || {
+        (0..shape.layers)
+            .map(|l| Layer::gzip(&layer_tar(&shape, i, l)))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    crate::push::push_image(reg, &shape.repository(i), "latest", &layers).await?;
     Ok(())
 }
 
