@@ -276,15 +276,26 @@ pub fn restore(staging: &Path) -> Result<(), FsImageError> {
                 let held = dir.join(e.n.to_string());
                 if fs::symlink_metadata(&held).is_ok() {
                     // Replaces the stand-in; a no-op when `path` is still
-                    // the original (both names of one inode).
-                    fs::rename(&held, &path).map_err(io_err("putting back", &path))?;
+                    // the original (both names of one inode). A directory
+                    // removed since has nothing to put back into.
+                    match fs::rename(&held, &path) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            return Err(io_err("putting back", &path)(e));
+                        }
+                        _ => {}
+                    }
                 }
                 if let Some(parent) = path.parent() {
                     dirs.insert(parent.to_path_buf(), e.dir_times);
                 }
             }
             for (d, times) in dirs {
-                set_dir_times(&d, times).map_err(io_err("setting the times of", &d))?;
+                match set_dir_times(&d, times) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("setting the times of", &d)(e));
+                    }
+                    _ => {}
+                }
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
