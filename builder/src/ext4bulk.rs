@@ -43,12 +43,11 @@ use std::time::Instant;
 
 use rustix::fs::{AtFlags, CWD, Timespec, Timestamps};
 
-use crate::fsimage::FsImageError;
+use crate::fsimage::{BLOCK, FsImageError, io_err};
 
 /// Files at least this large take the direct path; smaller ones are few
 /// bytes and many files, which `mke2fs -d` handles well.
 pub const BULK_MIN: u64 = 256 * 1024;
-const BLOCK: u64 = 4096;
 /// One direct write.
 const CHUNK: usize = 4 << 20;
 /// Files copied at once.
@@ -147,11 +146,6 @@ fn lib_err(what: String, code: ffi::errcode_t) -> FsImageError {
     }
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FsImageError {
-    let path = path.to_path_buf();
-    move |source| FsImageError::Io { what, path, source }
-}
-
 /// A file of the staging tree that [`swap_out`] set aside.
 #[derive(Debug)]
 pub struct Moved {
@@ -187,20 +181,6 @@ fn bulk_dir(staging: &Path) -> Option<PathBuf> {
     Some(parent.join(dir))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 fn staged_path(staging: &Path, rel: &[u8]) -> PathBuf {
     staging.join(std::ffi::OsStr::from_bytes(
         rel.strip_prefix(b"/").unwrap_or(rel),
@@ -218,13 +198,13 @@ struct Entry {
 impl Entry {
     fn line(&self) -> String {
         let [(a, an), (m, mn)] = self.dir_times;
-        format!("{} {} {a} {an} {m} {mn}\n", self.n, hex(&self.rel))
+        format!("{} {} {a} {an} {m} {mn}\n", self.n, hex::encode(&self.rel))
     }
 
     fn parse(line: &str) -> Option<Entry> {
         let mut f = line.split(' ');
         let n = f.next()?.parse().ok()?;
-        let rel = unhex(f.next()?)?;
+        let rel = hex::decode(f.next()?).ok()?;
         let mut t = [0i64; 4];
         for v in &mut t {
             *v = f.next()?.parse().ok()?;
@@ -306,7 +286,7 @@ pub fn restore(staging: &Path) -> Result<(), FsImageError> {
 }
 
 /// The runs of data of `file` (SEEK_DATA/SEEK_HOLE), in blocks.
-fn data_runs(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_runs(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let whole = vec![(0, size.div_ceil(BLOCK))];
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0;

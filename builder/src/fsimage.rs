@@ -56,7 +56,7 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// The ext4 block size; also the unit in which [`measure_tree`] counts.
-const BLOCK: u64 = 4096;
+pub(crate) const BLOCK: u64 = 4096;
 const EXT4_INODE_SIZE: u64 = 256;
 /// xfs allocates 512-byte inodes on demand.
 const XFS_INODE_SIZE: u64 = 512;
@@ -303,7 +303,7 @@ pub enum FsImageError {
     },
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FsImageError {
+pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FsImageError {
     let path = path.to_path_buf();
     move |source| FsImageError::Io { what, path, source }
 }
@@ -799,7 +799,7 @@ fn account(
         let allocated = (meta.blocks() * 512).min(round_up(meta.size(), BLOCK));
         let mut extents = meta.size().div_ceil(EXTENT_MAX);
         if meta.blocks() * 512 < meta.size() {
-            extents += data_segments(path).map_err(io_err("reading", path))?;
+            extents += data_segments(path, meta.size()).map_err(io_err("reading", path))?;
         }
         scan.usage.bytes += round_up(allocated, BLOCK);
         if meta.nlink() == 1 && meta.size() >= ext4bulk::BULK_MIN {
@@ -831,22 +831,12 @@ fn account(
 }
 
 /// How many runs of data a sparse file holds.
-fn data_segments(path: &Path) -> io::Result<u64> {
+fn data_segments(path: &Path, size: u64) -> io::Result<u64> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    let mut count = 0;
-    let mut pos = 0;
-    loop {
-        let data = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => return Ok(count),
-            Err(e) => return Err(e.into()),
-        };
-        count += 1;
-        pos = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(data))?;
-    }
+    Ok(ext4bulk::data_runs(&file, size)?.len() as u64)
 }
 
 /// All xattrs of `path` (not following a symlink), sorted by name.
